@@ -1,0 +1,3 @@
+"""metalight: MAML, first-order MAML and Reptile as Lightning modules with Hydra configs."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,60 @@
+"""Finding and opening checkpoints, with errors that name the file and say what to do."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metalight.errors import CheckpointError
+
+REQUIRED_KEYS = ("state_dict", "hyper_parameters")
+
+
+def resolve_checkpoint(ckpt_path: str | Path, runs_dir: str | Path) -> Path:
+    """Turn `ckpt_path` into a checkpoint file: a file, a run folder, or "last" (newest run's last.ckpt)."""
+    if str(ckpt_path) == "last":
+        candidates = sorted(Path(runs_dir).glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not candidates:
+            raise CheckpointError(
+                f"ckpt_path=last: no run under {runs_dir} has checkpoints/last.ckpt. "
+                "Give the checkpoint file itself: ckpt_path=/path/to/run/checkpoints/last.ckpt"
+            )
+        return candidates[-1]
+    path = Path(ckpt_path).expanduser()
+    if path.is_dir():
+        path = path / "checkpoints" / "last.ckpt" if (path / "checkpoints").is_dir() else path / "last.ckpt"
+    if not path.is_file():
+        raise CheckpointError(
+            f"checkpoint {path} does not exist. Runs keep theirs in logs/<task_name>/runs/<time>/checkpoints/; "
+            "pass one of those files (or the run folder) as ckpt_path=..."
+        )
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a Lightning checkpoint on the CPU (tensors and plain data only) and check it is one of ours."""
+    path = Path(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as error:
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({type(error).__name__}: {str(error).splitlines()[0][:200]}). "
+            "It is truncated or not a torch checkpoint: use another one, e.g. the run's last.ckpt or best checkpoint."
+        ) from None
+    missing = [key for key in REQUIRED_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} was not written by a metalight run (missing {', '.join(missing)}). "
+            "Pass a checkpoint from logs/<task_name>/runs/<time>/checkpoints/."
+        )
+    return checkpoint
+
+
+def run_dir_of(checkpoint_path: Path) -> Path:
+    """The run folder a checkpoint belongs to (the parent of its checkpoints/ folder)."""
+    parent = checkpoint_path.resolve().parent
+    return parent.parent if parent.name == "checkpoints" else parent

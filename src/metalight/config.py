@@ -1,0 +1,66 @@
+"""Checks of a composed config that Hydra cannot do itself, so a bad value fails before anything is built."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+from metalight.errors import ConfigError
+
+# Keys left unset (null) are skipped: their owners fall back to a documented default.
+_POSITIVE_INTS = (
+    "data.n_way",
+    "data.k_shot",
+    "data.k_query",
+    "data.meta_batch_size",
+    "data.eval_batch_size",
+    "data.batches_per_epoch",
+    "data.n_val_tasks",
+    "data.n_test_tasks",
+    "data.image_size",
+)
+_NON_NEGATIVE_INTS = ("algo.inner_steps", "algo.eval_inner_steps", "data.num_workers")
+_POSITIVE_FLOATS = ("algo.inner_lr",)
+
+
+def _value(cfg: DictConfig, key: str) -> object:
+    return OmegaConf.select(cfg, key, default=None)
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Raise ConfigError naming the key, the value and the fix for the first out-of-range setting."""
+    for key in _POSITIVE_INTS + _NON_NEGATIVE_INTS:
+        value = _value(cfg, key)
+        if value is None:
+            continue
+        smallest = 1 if key in _POSITIVE_INTS else 0
+        if isinstance(value, bool) or not isinstance(value, int) or value < smallest:
+            raise ConfigError(
+                f"{key}={value!r} is not valid: it must be a whole number >= {smallest}. "
+                f"Set it on the command line, e.g. `{key}={max(smallest, 1)}`."
+            )
+    for key in _POSITIVE_FLOATS:
+        value = _value(cfg, key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ConfigError(f"{key}={value!r} is not valid: it must be a number > 0, e.g. `{key}=0.4`.")
+    world = _world_size(cfg)
+    batch = _value(cfg, "data.meta_batch_size")
+    if isinstance(batch, int) and batch % world:
+        raise ConfigError(
+            f"data.meta_batch_size={batch} does not split evenly over {world} processes "
+            f"(trainer.devices x trainer.num_nodes): choose a multiple of {world}."
+        )
+
+
+def _world_size(cfg: DictConfig) -> int:
+    """Processes a run will use, when the config says so plainly (an int number of devices)."""
+    devices = _value(cfg, "trainer.devices")
+    nodes = _value(cfg, "trainer.num_nodes") or 1
+    if isinstance(devices, int) and devices > 0:
+        per_node = devices
+    elif OmegaConf.is_list(devices):
+        per_node = len(devices)
+    else:  # "auto" or -1: only known once the trainer looks at the machine
+        per_node = 1
+    return per_node * int(nodes)

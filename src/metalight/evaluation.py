@@ -1,0 +1,93 @@
+"""Evaluate a trained checkpoint on the fixed test tasks with the config of the run that wrote it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from metalight.checkpoints import load_checkpoint, resolve_checkpoint, run_dir_of
+from metalight.errors import CheckpointError, ConfigError
+from metalight.training import build
+
+log = logging.getLogger(__name__)
+
+# what a checkpoint's run decides (restored) versus what this evaluation decides (taken from eval's config)
+RUN_GROUPS = ("data", "model", "algo")
+EVAL_GROUPS = ("trainer", "logger", "callbacks", "paths")
+
+
+def _override_keys() -> list[str]:
+    """Config keys given on this job's command line (without +/~ prefixes and values)."""
+    if not HydraConfig.initialized():
+        return []
+    return [item.split("=", 1)[0].lstrip("~+") for item in HydraConfig.get().overrides.task]
+
+
+def restore_run_config(checkpoint_path: Path, eval_cfg: DictConfig, override_keys: list[str]) -> DictConfig:
+    """The run's composed config, with this machine's paths/trainer and the command line's data/model/algo overrides."""
+    saved = run_dir_of(checkpoint_path) / ".hydra" / "config.yaml"
+    if not saved.is_file():
+        raise CheckpointError(
+            f"{saved} is missing: eval.py restores the run's config from its run folder. Keep the checkpoint "
+            "inside its run folder (logs/<task>/runs/<time>/checkpoints/), or copy the folder's .hydra/ with it."
+        )
+    run_cfg = OmegaConf.load(saved)
+    with open_dict(run_cfg):
+        for group in EVAL_GROUPS:
+            run_cfg[group] = eval_cfg[group]
+        for key in override_keys:
+            if key in ("ckpt_path", "task_name") or key.startswith("hydra.") or key.split(".")[0] in EVAL_GROUPS:
+                continue
+            if key in ("experiment", "debug"):
+                raise ConfigError(f"eval.py takes no {key}=...: override single keys instead, e.g. data.n_test_tasks=600.")
+            if key in RUN_GROUPS:
+                run_cfg[key] = eval_cfg[key]
+            else:
+                OmegaConf.update(run_cfg, key, OmegaConf.select(eval_cfg, key), force_add=True)
+        run_cfg.task_name = eval_cfg.task_name
+        run_cfg.ckpt_path = str(checkpoint_path)
+    return run_cfg
+
+
+def _write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
+    """Write JSON through a temporary file so a crash never leaves half a result."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Score `cfg.ckpt_path` on the fixed test tasks; save and return mean accuracy, 95% CI, per-step curves."""
+    runs_dir = Path(cfg.paths.log_dir) / "train" / "runs"
+    checkpoint_path = resolve_checkpoint(cfg.ckpt_path, runs_dir)
+    checkpoint = load_checkpoint(checkpoint_path)
+    run_cfg = restore_run_config(checkpoint_path, cfg, _override_keys())
+    objects = build(run_cfg)
+    algorithm, trainer = objects["algorithm"], objects["trainer"]
+    try:
+        algorithm.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as error:
+        raise CheckpointError(
+            f"checkpoint {checkpoint_path} does not fit the model of its run config "
+            f"({str(error).splitlines()[0][:200]}). Were model.* or data.n_way overridden? Drop those overrides."
+        ) from None
+    trainer.test(algorithm, datamodule=objects["datamodule"], verbose=False)
+    results = {
+        "checkpoint": str(checkpoint_path),
+        "global_step": checkpoint.get("global_step"),
+        "n_test_tasks": run_cfg.data.n_test_tasks,
+        **algorithm.test_results,
+    }
+    out = checkpoint_path.with_name(checkpoint_path.stem + ".test.json")
+    _write_json_atomically(out, results)
+    log.info(
+        "test accuracy %.4f ± %.4f (95%% CI, %d tasks), before adaptation %.4f; saved %s",
+        results["acc"], results["acc_ci95"], results["n_tasks"], results["acc_before"], out,
+    )
+    return results

@@ -1,0 +1,66 @@
+"""Shared fixtures: where the real data lives, and a switch for slow tests."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+_SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _data_root() -> Path | None:
+    """DATA_DIR if set, else the repository's CI mirror ../shared/data when present."""
+    env = os.environ.get("DATA_DIR")
+    if env:
+        return Path(env)
+    return _SHARED if _SHARED.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """Root holding omniglot/ and miniimagenet/ as described in ../shared/data/README.md."""
+    root = _data_root()
+    if root is None or not (root / "omniglot").is_dir():
+        pytest.skip("real data not found: set DATA_DIR to a folder holding omniglot/ (see README)")
+    return root
+
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One episode cache for the whole test session, so each data set is decoded once."""
+    return tmp_path_factory.mktemp("metalight_cache")
+
+
+@pytest.fixture
+def compose_train(data_dir: Path, cache_dir: Path, tmp_path: Path):
+    """Compose conf/train.yaml with overrides, shrunk for a CPU test, outputs under tmp_path."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    def _compose(*overrides: str, config_name: str = "train"):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.paths.data_dir = str(data_dir)
+            cfg.paths.cache_dir = str(cache_dir)
+            cfg.paths.log_dir = str(tmp_path / "logs")
+            cfg.paths.output_dir = str(tmp_path / "run")
+            cfg.hydra.runtime.output_dir = str(tmp_path / "run")
+            if "trainer" in cfg:
+                cfg.trainer.accelerator = "cpu"
+                cfg.trainer.enable_progress_bar = False
+            if "data" in cfg:
+                cfg.data.num_workers = 0
+                cfg.data.persistent_workers = False
+                cfg.data.pin_memory = False
+        HydraConfig().set_config(cfg)
+        return cfg
+
+    yield _compose
+    GlobalHydra.instance().clear()

@@ -1,0 +1,69 @@
+"""End to end through the Hydra configs: fast_dev_run per algorithm, DDP on 2 CPU processes, and CLI errors."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from metalight.training import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("algo", ["maml", "fomaml", "reptile"])
+def test_fast_dev_run(compose_train, algo):
+    cfg = compose_train(f"algo={algo}", "debug=fast_dev_run", "logger=csv")
+    metrics, objects = train(cfg)
+    assert objects["trainer"].global_step == 1
+    assert 0.0 <= metrics["test/acc"] <= 1.0
+
+
+def _run_train(args: list[str], tmp_path: Path, data_dir: Path, cache_dir: Path, timeout: int = 300):
+    env = dict(os.environ, DATA_DIR=str(data_dir), METALIGHT_CACHE=str(cache_dir), PYTHONUNBUFFERED="1")
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), f"paths.log_dir={tmp_path / 'logs'}", *args],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+@pytest.mark.slow
+def test_ddp_cpu_two_processes_share_one_run_folder(tmp_path, data_dir, cache_dir):
+    result = _run_train(
+        ["trainer=ddp_cpu", "algo=maml", "trainer.max_steps=2", "data.batches_per_epoch=2",
+         "data.meta_batch_size=4", "data.n_val_tasks=4", "data.n_test_tasks=4", "data.num_workers=0",
+         "data.persistent_workers=false", "trainer.enable_progress_bar=false"],
+        tmp_path, data_dir, cache_dir,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    runs = list((tmp_path / "logs" / "train" / "runs").iterdir())
+    assert len(runs) == 1, f"DDP children scattered run folders: {runs}"
+    assert (runs[0] / ".hydra" / "config.yaml").is_file()
+    assert list((runs[0] / "tensorboard").glob("events.out.tfevents.*"))
+    assert (runs[0] / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("algo=mamll", "Could not find 'algo/mamll'"),
+        ("algo.no_such_key=1", "no_such_key"),
+        ("data.n_way=abc", "data.n_way"),
+    ],
+)
+def test_cli_errors_are_one_clear_message(tmp_path, data_dir, cache_dir, override, expected):
+    result = _run_train([override, "debug=fast_dev_run"], tmp_path, data_dir, cache_dir, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert expected in output
+    assert "Traceback" not in output
+
+
+def test_missing_data_folder_is_reported(tmp_path, cache_dir):
+    result = _run_train(["debug=fast_dev_run", "data.download=false"], tmp_path, tmp_path / "nowhere", cache_dir, 120)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-2000:]
+    assert str(tmp_path / "nowhere") in output and "DATA_DIR" in output
+    assert "Traceback" not in output
