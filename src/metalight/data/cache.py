@@ -1,0 +1,98 @@
+"""On-disk uint8 caches of decoded splits: `<name>.npy` (memory-mapped on load) plus a `<name>.json` sidecar.
+
+The sidecar records the key the cache was built from (source files with sizes and mtimes, image size,
+format version, ...). A cache is used only when its sidecar key equals the key of the source as it is now
+and the array has the recorded shape; anything else (changed source, truncated or foreign file) is rebuilt.
+Both files are written to a temporary name and moved into place with os.replace, the sidecar last, so
+a crash or a concurrent reader never sees a half-written cache as valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from metalight.errors import DataError
+
+FORMAT_VERSION = 1
+
+
+def cache_name(dataset: str, part: str, image_size: int, root: Path) -> str:
+    """File stem of a cache: data set, part, image size and a short hash of the data root's absolute path."""
+    root_hash = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:10]
+    return f"{dataset}-{part}-{image_size}px-{root_hash}"
+
+
+def _normalized(key: dict) -> dict:
+    """The key as it reads back from JSON (tuples become lists), with the format version added."""
+    return json.loads(json.dumps({"format": FORMAT_VERSION, **key}))
+
+
+def load_cache(cache_dir: Path, name: str, key: dict) -> tuple[np.ndarray, dict] | None:
+    """The memory-mapped array and info dict of cache `name` when it matches `key`, else None."""
+    try:
+        meta = json.loads((cache_dir / f"{name}.json").read_text())
+        if meta.get("key") != _normalized(key):
+            return None
+        array = np.load(cache_dir / f"{name}.npy", mmap_mode="r")
+    except (OSError, ValueError, EOFError):  # missing, truncated or not an .npy / JSON at all
+        return None
+    if array.dtype != np.uint8 or list(array.shape) != meta.get("shape"):
+        return None
+    return array, meta.get("info", {})
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write a text file atomically (temporary file in the same folder, then os.replace)."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_cache(
+    cache_dir: Path,
+    name: str,
+    key: dict,
+    shape: tuple[int, ...],
+    fill: Callable[[np.ndarray], None],
+    info: dict | None = None,
+) -> tuple[np.ndarray, dict]:
+    """Build cache `name`: fill(out) writes a [shape] uint8 memmap, stored atomically with its key and info."""
+    target = cache_dir / f"{name}.npy"
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+    except OSError as exc:
+        raise DataError(
+            f"cannot write the cache file {tmp} ({exc}): point data.cache_dir (paths.cache_dir) at a "
+            f"writable folder with {np.prod(shape) / 1e9:.2f} GB free."
+        ) from exc
+    try:
+        fill(out)
+        out.flush()
+        del out
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    meta = {"key": _normalized(key), "shape": list(shape), "info": info or {}}
+    _replace_text(cache_dir / f"{name}.json", json.dumps(meta))
+    return np.load(target, mmap_mode="r"), meta["info"]
+
+
+def cached(
+    cache_dir: Path,
+    name: str,
+    key: dict,
+    shape: tuple[int, ...],
+    fill: Callable[[np.ndarray], None],
+    info: dict | None = None,
+) -> tuple[np.ndarray, dict]:
+    """Cache `name` if it matches `key`, else build it with write_cache (for sources whose shape is known up front)."""
+    hit = load_cache(cache_dir, name, key)
+    return hit if hit is not None else write_cache(cache_dir, name, key, shape, fill, info)

@@ -1,0 +1,128 @@
+"""Few-shot tasks drawn deterministically from a uint8 split, and the samplers that shard them over ranks.
+
+Task `index` of `epoch` is a pure function of (seed, split, epoch, index): its random generator is
+numpy's default (PCG64) seeded with the SeedSequence of those four integers, so any process can draw
+any task without drawing the ones before it. A task picks n_way classes without replacement and, in
+each, k_shot + k_query distinct images (the first k_shot form the support set); labels are the
+position of the class in the task, 0..n_way-1, class-major (support_y = [0]*k_shot + [1]*k_shot + ...).
+
+The DataLoader gets one of the samplers here as `sampler` with `batch_size=None`: each item the
+sampler yields is a whole meta-batch, a list of (epoch, index) keys, and EpisodeDataset turns it into
+stacked tensors with two advanced-indexing gathers. The epoch travels inside the keys, so worker
+processes (persistent or not) need no epoch state of their own; Lightning calls `set_epoch` on
+`DataLoader.sampler` at the start of every training epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+
+Key = tuple[int, int]
+
+
+class EpisodeDataset(Dataset):
+    """A split as few-shot tasks: dataset[[(epoch, index), ...]] is the meta-batch of those tasks."""
+
+    def __init__(self, images: np.ndarray, split: str, seed: int, n_way: int, k_shot: int, k_query: int) -> None:
+        self.images = images
+        self.split, self.seed = split, seed
+        self.n_way, self.k_shot, self.k_query = n_way, k_shot, k_query
+        self.n_classes, self.per_class = images.shape[:2]
+        self._support_y = torch.arange(n_way).repeat_interleave(k_shot)
+        self._query_y = torch.arange(n_way).repeat_interleave(k_query)
+
+    def choose(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Class rows [n_way] and image columns [n_way, k_shot + k_query] of task `index` of `epoch`."""
+        rng = np.random.default_rng([self.seed, SPLIT_CODES[self.split], epoch, index])
+        classes = rng.choice(self.n_classes, self.n_way, replace=False)
+        # the k_shot + k_query smallest of iid uniform keys: a uniformly random ordered sample per class
+        samples = rng.random((self.n_way, self.per_class)).argsort(axis=1)[:, : self.k_shot + self.k_query]
+        return classes, samples
+
+    def __getitem__(self, keys: Sequence[Key]) -> dict[str, torch.Tensor]:
+        """support_x [B, N*K, C, H, W] uint8, support_y [B, N*K] int64, query_x, query_y for B keys."""
+        chosen = [self.choose(epoch, index) for epoch, index in keys]
+        classes = np.stack([c for c, _ in chosen])[:, :, None]
+        samples = np.stack([s for _, s in chosen])
+        shape = self.images.shape[2:]
+        batch = len(keys)
+        support = self.images[classes, samples[:, :, : self.k_shot]].reshape(batch, -1, *shape)
+        query = self.images[classes, samples[:, :, self.k_shot :]].reshape(batch, -1, *shape)
+        return {
+            "support_x": torch.from_numpy(np.asarray(support)),
+            "support_y": self._support_y.expand(batch, -1).clone(),
+            "query_x": torch.from_numpy(np.asarray(query)),
+            "query_y": self._query_y.expand(batch, -1).clone(),
+        }
+
+    def __getstate__(self) -> dict:
+        """Pickle a memory-mapped split by its file name, not its contents (spawned workers reopen it)."""
+        state = self.__dict__.copy()
+        if isinstance(self.images, np.memmap) and self.images.filename:
+            state["images"] = Path(self.images.filename)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        """Reopen a memory-mapped split pickled by __getstate__."""
+        if isinstance(state["images"], Path):
+            state["images"] = np.load(state["images"], mmap_mode="r")
+        self.__dict__.update(state)
+
+
+class TrainTaskSampler(Sampler[list[Key]]):
+    """This rank's share of each meta-step of an epoch: step g holds tasks [g*B, (g+1)*B), rank r the r-th slice.
+
+    `start` skips the first meta-steps of the epoch it was built for (resuming mid-epoch); later epochs,
+    set with set_epoch, start at 0. len() is always `batches_per_epoch`, the count Lightning expects.
+    """
+
+    def __init__(
+        self,
+        meta_batch_size: int,
+        batches_per_epoch: int,
+        rank: int = 0,
+        world_size: int = 1,
+        epoch: int = 0,
+        start: int = 0,
+    ) -> None:
+        if meta_batch_size % world_size:
+            raise ValueError(f"meta_batch_size={meta_batch_size} is not a multiple of world_size={world_size}")
+        self.share = meta_batch_size // world_size
+        self.meta_batch_size, self.batches_per_epoch = meta_batch_size, batches_per_epoch
+        self.rank, self.epoch, self.start = rank, epoch, start
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the tasks of `epoch` from now on (called by Lightning at each epoch start)."""
+        if epoch != self.epoch:
+            self.epoch, self.start = epoch, 0
+
+    def __iter__(self) -> Iterator[list[Key]]:
+        epoch = self.epoch
+        for step in range(self.start, self.batches_per_epoch):
+            first = step * self.meta_batch_size + self.rank * self.share
+            yield [(epoch, i) for i in range(first, first + self.share)]
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+
+class EvalTaskSampler(Sampler[list[Key]]):
+    """The fixed tasks 0..n_tasks-1 of this rank (index ≡ rank mod world_size), in chunks of batch_size."""
+
+    def __init__(self, n_tasks: int, batch_size: int, rank: int = 0, world_size: int = 1) -> None:
+        self.indices = list(range(rank, n_tasks, world_size))
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[list[Key]]:
+        for first in range(0, len(self.indices), self.batch_size):
+            yield [(0, i) for i in self.indices[first : first + self.batch_size]]
+
+    def __len__(self) -> int:
+        return -(-len(self.indices) // self.batch_size)
