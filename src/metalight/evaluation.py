@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from metalight.checkpoint_io import write_text_atomically
 from metalight.checkpoints import load_checkpoint, resolve_checkpoint, run_dir_of
 from metalight.errors import CheckpointError, ConfigError
 from metalight.training import build
@@ -55,13 +55,6 @@ def restore_run_config(checkpoint_path: Path, eval_cfg: DictConfig, override_key
     return run_cfg
 
 
-def _write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON through a temporary file so a crash never leaves half a result."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
-
-
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Score `cfg.ckpt_path` on the fixed test tasks; save and return mean accuracy, 95% CI, per-step curves."""
     runs_dir = Path(cfg.paths.log_dir) / "train" / "runs"
@@ -85,7 +78,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         **algorithm.test_results,
     }
     out = checkpoint_path.with_name(checkpoint_path.stem + ".test.json")
-    _write_json_atomically(out, results)
+    write_text_atomically(out, json.dumps(results, indent=2))
     log.info(
         "test accuracy %.4f ± %.4f (95%% CI, %d tasks), before adaptation %.4f; saved %s",
         results["acc"], results["acc_ci95"], results["n_tasks"], results["acc_before"], out,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
+from omegaconf import open_dict, read_write
 
 
 def pin_hydra_for_ddp_children() -> None:
@@ -19,6 +19,6 @@ def pin_hydra_for_ddp_children() -> None:
     if not HydraConfig.initialized():
         return
     hydra_cfg = HydraConfig.get()
-    with open_dict(hydra_cfg):
+    with read_write(hydra_cfg), open_dict(hydra_cfg):
         hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
     sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]

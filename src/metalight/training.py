@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from metalight.checkpoint_io import ensure_writable
+from metalight.checkpoints import load_checkpoint, resolve_checkpoint
 from metalight.config import validate_config
+from metalight.sweep_summary import record_results, run_results
 
 log = logging.getLogger(__name__)
 
@@ -40,22 +44,44 @@ def _metrics(trainer: pl.Trainer) -> dict[str, float]:
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Fit (optionally resuming from cfg.ckpt_path), then test the best checkpoint; return metrics and objects."""
+    ensure_writable(cfg.paths.output_dir)
+    ckpt_path = _checkpoint_to_resume(cfg)
     objects = build(cfg)
     trainer, algorithm, datamodule = objects["trainer"], objects["algorithm"], objects["datamodule"]
     for logger in trainer.loggers:
         logger.log_hyperparams(cfg_to_hparams(cfg))
 
     if cfg.get("train", True):
-        trainer.fit(algorithm, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(algorithm, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = _metrics(trainer)
 
     if cfg.get("test", True):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if not best:
             log.warning("No best checkpoint was saved: testing the weights in memory.")
-        trainer.test(algorithm, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
+        trainer.test(algorithm, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         metrics.update(_metrics(trainer))
+    results = run_results(trainer, metrics)
+    record_results(trainer, cfg.paths.output_dir, results)
+    if results["best_val_acc"] is not None:
+        metrics["val/acc_best"] = results["best_val_acc"]  # what hparams_search/* optimizes
     return metrics, objects
+
+
+def _checkpoint_to_resume(cfg: DictConfig) -> str | None:
+    """The checkpoint fit() continues from: cfg.ckpt_path, else this run folder's own last.ckpt (a requeued job), else None.
+
+    cfg.ckpt_path may be a file, a run folder, or "last" (the newest run of this task_name).
+    """
+    if cfg.get("ckpt_path") is not None:
+        path = resolve_checkpoint(cfg.ckpt_path, Path(cfg.paths.log_dir) / cfg.task_name / "runs")
+    else:
+        path = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+        if not path.is_file():
+            return None
+        log.info("Resuming from %s: this run folder already holds a last.ckpt (a restarted job).", path)
+    load_checkpoint(path)  # a missing, truncated or foreign file fails here, naming it, before anything is built
+    return str(path)
 
 
 def cfg_to_hparams(cfg: DictConfig) -> dict[str, Any]:
@@ -73,5 +99,7 @@ def cfg_to_hparams(cfg: DictConfig) -> dict[str, Any]:
         else:
             flat[prefix] = str(node)
 
-    visit("", OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False))
-    return {k: v for k, v in flat.items() if not k.startswith(("paths/", "hydra/"))}
+    for key in cfg:
+        if key not in ("hydra", "paths"):
+            visit(str(key), OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key])
+    return flat

@@ -63,7 +63,7 @@ def download_archive(folder: Path, archive: str) -> None:
         (folder / filename).unlink(missing_ok=True)
         raise DataError(
             f"could not download {url} into {folder} ({exc}): download it yourself and place it there "
-            "(or its unpacked folder), then rerun."
+            "(or its unpacked folder), or point DATA_DIR (or paths.data_dir=...) at a folder holding omniglot/."
         ) from exc
 
 
@@ -86,7 +86,8 @@ def list_characters(folder: Path, download: bool = False) -> tuple[dict[str, lis
             if not packed.is_file():
                 if not download:
                     raise DataError(
-                        f"Omniglot archive not found: neither {unpacked}/ nor {packed} exists. Place "
+                        f"Omniglot archive not found: neither {unpacked}/ nor {packed} exists. Point "
+                        "DATA_DIR (or paths.data_dir=...) at the folder holding your omniglot/ copy, place "
                         f"{archive}.zip (or its unpacked folder) there, or set data.download=true."
                     )
                 download_archive(folder, archive)
