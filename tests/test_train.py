@@ -33,7 +33,7 @@ def test_ddp_cpu_two_processes_share_one_run_folder(tmp_path, data_dir, cache_di
     result = _run_train(
         ["trainer=ddp_cpu", "algo=maml", "trainer.max_steps=2", "data.batches_per_epoch=2",
          "data.meta_batch_size=4", "data.n_val_tasks=4", "data.n_test_tasks=4", "data.num_workers=0",
-         "data.persistent_workers=false", "++trainer.enable_progress_bar=false"],
+         "data.persistent_workers=false", "trainer.enable_progress_bar=false"],
         tmp_path, data_dir, cache_dir,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

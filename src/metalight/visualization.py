@@ -1,0 +1,254 @@
+"""What a researcher looks at: task image grids, predictions before/after adaptation, TensorBoard views, event-file reading.
+
+* `task_grid` draws one task as an image, a row per class: its support images, a gap, its query
+  images; a query image's outer frame says whether the meta-parameters classify it correctly (before
+  adaptation), its inner frame whether the adapted weights do (green right, red wrong); `show_task`
+  puts it on a matplotlib Axes with labelled rows (notebooks; matplotlib itself is not imported here).
+* `query_predictions` adapts tasks exactly as validation and test do and returns the predicted query
+  labels before and after.
+* Callbacks: `ValidationTaskImage` logs that picture of validation task 0 at every validation;
+  `AccuracyCharts` groups accuracy per inner step into one chart of TensorBoard's Custom Scalars tab.
+* `read_scalars` / `inner_step_accuracy` read a run's TensorBoard event files into plain dicts (notebooks).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor
+from torch.func import functional_call
+from torchvision.utils import make_grid
+
+from metalight.algorithms.base import EpisodicModule
+from metalight.algorithms.functional import split_state
+
+Task = dict[str, Tensor]
+
+RIGHT = (0.1, 0.75, 0.2)
+WRONG = (0.9, 0.1, 0.1)
+SUPPORT = (0.2, 0.45, 0.95)
+NEUTRAL = (0.55, 0.55, 0.55)
+LEGEND = (
+    "Validation task 0, one row per class (the row number is the label): support images (blue frame), a gap, "
+    "query images. Query frames, outer: prediction of the meta-parameters (before adaptation), inner: after "
+    "adaptation; green right, red wrong."
+)
+
+
+def unnormalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """Normalized float images [..., C, H, W] back to [0, 1] (x * std + mean per channel), on the CPU."""
+    images = images.detach().float().cpu()
+    shape = (-1, 1, 1)
+    return (images * torch.tensor(std).view(shape) + torch.tensor(mean).view(shape)).clamp(0.0, 1.0)
+
+
+def _framed(images: Tensor, outer: Sequence[tuple[float, float, float]], inner: Sequence[tuple[float, float, float]], width: int) -> Tensor:
+    """RGB images [n, 3, H, W] inside two rings of `width` pixels, colored per image: [n, 3, H + 4w, W + 4w]."""
+    n, _, h, w = images.shape
+    out = torch.empty(n, 3, h + 4 * width, w + 4 * width)
+    out[:] = torch.tensor(outer).view(n, 3, 1, 1)
+    out[:, :, width:-width, width:-width] = torch.tensor(inner).view(n, 3, 1, 1)
+    out[:, :, 2 * width : -2 * width, 2 * width : -2 * width] = images
+    return out
+
+
+def _by_class(labels: Tensor, n_way: int, what: str) -> list[Tensor]:
+    """Indices of each class's examples, checking every class has as many (the grid is a rectangle)."""
+    rows = [torch.nonzero(labels == c).flatten() for c in range(n_way)]
+    if len({len(r) for r in rows}) != 1:
+        counts = [len(r) for r in rows]
+        raise ValueError(f"{what} has {counts} examples per class: a task grid needs the same number in every class.")
+    return rows
+
+
+def task_grid(
+    task: Task,
+    mean: Sequence[float],
+    std: Sequence[float],
+    before: Tensor | None = None,
+    after: Tensor | None = None,
+) -> Tensor:
+    """One task as an RGB image [3, H, W] in [0, 1]: a row per class, support | gap | query, predictions as frame colors.
+
+    `task` holds support_x [N*K, C, H, W], support_y [N*K], query_x [N*Q, C, H, W], query_y [N*Q] (normalized
+    images, as the algorithms get them); `before`/`after` are predicted query labels [N*Q], or None.
+    """
+    support_y, query_y = task["support_y"].cpu(), task["query_y"].cpu()
+    n_way = int(support_y.max()) + 1
+    support = unnormalize(task["support_x"], mean, std).expand(-1, 3, -1, -1)
+    query = unnormalize(task["query_x"], mean, std).expand(-1, 3, -1, -1)
+    width = max(1, support.shape[-1] // 14)
+
+    def colors(predicted: Tensor | None) -> list[tuple[float, float, float]]:
+        if predicted is None:
+            return [NEUTRAL] * len(query_y)
+        return [RIGHT if bool(p == y) else WRONG for p, y in zip(predicted.cpu(), query_y)]
+
+    support = _framed(support, [SUPPORT] * len(support), [SUPPORT] * len(support), width)
+    query = _framed(query, colors(before), colors(after), width)
+    gap = torch.ones_like(support[:1])
+    tiles = []
+    support_rows, query_rows = _by_class(support_y, n_way, "support set"), _by_class(query_y, n_way, "query set")
+    for s, q in zip(support_rows, query_rows):
+        tiles += [support[s], gap, query[q]]
+    per_row = len(support_rows[0]) + 1 + len(query_rows[0])
+    return make_grid(torch.cat(tiles), nrow=per_row, padding=width, pad_value=1.0)
+
+
+def show_task(
+    ax: Any,
+    task: Task,
+    mean: Sequence[float],
+    std: Sequence[float],
+    before: Tensor | None = None,
+    after: Tensor | None = None,
+    title: str = "",
+) -> None:
+    """Draw `task_grid` on a matplotlib Axes, rows labelled with their class label, columns as support and query."""
+    grid = task_grid(task, mean, std, before, after)
+    ax.imshow(grid.permute(1, 2, 0).numpy())
+    n_way = int(task["support_y"].max()) + 1
+    k_shot, k_query = len(task["support_y"]) // n_way, len(task["query_y"]) // n_way
+    row, column = grid.shape[1] / n_way, grid.shape[2] / (k_shot + 1 + k_query)
+    ax.set_yticks([(c + 0.5) * row for c in range(n_way)], [f"label {c}" for c in range(n_way)])
+    ax.set_xticks([k_shot / 2 * column, (k_shot + 1 + k_query / 2) * column], ["support", "query"])
+    ax.set_title(title)
+
+
+def _query_logits(algorithm: EpisodicModule, params: dict[str, Tensor], fixed: dict[str, Tensor], support_x: Tensor, query_x: Tensor) -> Tensor:
+    """Query logits of one task with weights `params`, scored the way the algorithm's evaluation scores them.
+
+    transductive: the query set is one batch (BatchNorm sees all of it); otherwise each query example is
+    scored in a batch made of the support set and that example alone.
+    """
+    if algorithm.transductive:
+        return functional_call(algorithm.model, (params, fixed), (query_x,))
+    batches = torch.cat([support_x.expand(len(query_x), *support_x.shape), query_x.unsqueeze(1)], dim=1)
+    return torch.stack([functional_call(algorithm.model, (params, fixed), (b,))[-1] for b in batches])
+
+
+def query_predictions(algorithm: EpisodicModule, batch: Task, stream: str = "val", task_ids: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
+    """Predicted query labels [B, N*Q] before and after adapting each task of `batch` with the evaluation inner loop.
+
+    The adaptation is the one validation/test run (same inner loop, same minibatches for the task numbers
+    `task_ids` of `stream`, default 0..B-1), so the accuracy of `after` is the task's reported accuracy.
+    The batch holds normalized images on the algorithm's device (after the datamodule's transfer).
+    """
+    loop = algorithm.eval_loop
+    task_ids = list(range(batch["support_x"].shape[0])) if task_ids is None else list(task_ids)
+    trainable, fixed = split_state(algorithm.model)
+    params = {k: v.detach() for k, v in trainable.items()}
+    indices = algorithm.task_indices(batch, loop, stream, task_ids)
+    with torch.enable_grad():
+        adapted = algorithm.adapt(batch, loop, params, indices, record="none", return_params=True).params
+    before, after = [], []
+    with torch.no_grad():
+        for i in range(len(task_ids)):
+            support_x, query_x = batch["support_x"][i], batch["query_x"][i]
+            before.append(_query_logits(algorithm, params, fixed, support_x, query_x).argmax(-1))
+            mine = {k: v[i] for k, v in adapted.items()}
+            after.append(_query_logits(algorithm, mine, fixed, support_x, query_x).argmax(-1))
+    return torch.stack(before), torch.stack(after)
+
+
+def _tensorboard(trainer: pl.Trainer) -> Any:
+    """The SummaryWriter of the trainer's TensorBoardLogger, or None when it logs elsewhere (or not at all)."""
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            return logger.experiment
+    return None
+
+
+class ValidationTaskImage(Callback):
+    """At every validation, log validation task 0 as an image (`val_task/episode`) with its predictions before/after adaptation.
+
+    The task is the first one of the first validation batch on rank 0, which is the fixed validation task
+    0 (data.eval_seed), so the pictures of successive validations differ only by the predictions. It is
+    adapted once more for the picture (one task: cheap beside the validation itself). Needs a
+    TensorBoardLogger (logger=tensorboard); without one it does nothing.
+    """
+
+    def __init__(self) -> None:
+        self._task: Task | None = None
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Keep task 0 of the first batch (already on the device and normalized)."""
+        if batch_idx == 0 and trainer.is_global_zero and not trainer.sanity_checking:
+            self._task = {k: v[:1].detach().clone() for k, v in batch.items()}
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Adapt the kept task, draw it, and add the image and its legend to TensorBoard."""
+        task, self._task = self._task, None
+        writer = _tensorboard(trainer) if task is not None else None
+        if writer is None:
+            return
+        before, after = query_predictions(pl_module, task, stream="val", task_ids=[0])
+        datamodule = trainer.datamodule
+        single = {k: v[0] for k, v in task.items()}
+        image = task_grid(single, datamodule.mean, datamodule.std, before[0], after[0])
+        # the step Lightning logs the val/* scalars at (its own LearningRateMonitor reads the same counter)
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        writer.add_image("val_task/episode", image, global_step=step)
+        query_y = single["query_y"]
+        scores = [float((p[0] == query_y).float().mean()) for p in (before, after)]
+        summary = f"{LEGEND}\n\nQuery accuracy before adaptation {scores[0]:.3f}, after {scores[1]:.3f}."
+        writer.add_text("val_task/legend", summary, global_step=step)
+
+
+class AccuracyCharts(Callback):
+    """Lay out TensorBoard's Custom Scalars tab: accuracy per inner step (one line per step) and before vs after adaptation."""
+
+    LAYOUT = {
+        "accuracy": {
+            "val: accuracy per inner step (acc_step0 = before adaptation)": ["Multiline", [r"^val/acc_step\d+$"]],
+            "test: accuracy per inner step": ["Multiline", [r"^test/acc_step\d+$"]],
+            "before vs after adaptation": ["Multiline", [r"^(train|val|test)/acc(_before)?$"]],
+        }
+    }
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Write the layout into the run's event file (rank 0, TensorBoardLogger only)."""
+        writer = _tensorboard(trainer) if trainer.is_global_zero else None
+        if writer is not None:
+            writer.add_custom_scalars(self.LAYOUT)
+
+
+def _event_folder(run_dir: str | Path) -> Path:
+    """The one folder of `run_dir` (or below it) holding TensorBoard event files."""
+    folders = sorted({path.parent for path in Path(run_dir).rglob("events.out.tfevents.*")})
+    if not folders:
+        raise FileNotFoundError(
+            f"no TensorBoard event files under {run_dir}: pass a run folder (logs/train/runs/<time>/) of a run "
+            "made with logger=tensorboard."
+        )
+    if len(folders) > 1:
+        raise ValueError(f"{run_dir} holds the event files of several runs ({', '.join(map(str, folders))}): pass one of them.")
+    return folders[0]
+
+
+def read_scalars(run_dir: str | Path) -> dict[str, dict[str, list]]:
+    """Every scalar series of a run as {tag: {"step": [...], "value": [...]}}, by step (a re-logged step keeps its last value)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # here: training never reads events
+
+    events = EventAccumulator(str(_event_folder(run_dir)), size_guidance={"scalars": 0})
+    events.Reload()
+    series = {}
+    for tag in events.Tags()["scalars"]:
+        by_step = {event.step: event.value for event in events.Scalars(tag)}
+        steps = sorted(by_step)
+        series[tag] = {"step": steps, "value": [by_step[s] for s in steps]}
+    return series
+
+
+def inner_step_accuracy(scalars: dict[str, dict[str, list]], stage: str = "val") -> list[float]:
+    """Accuracy after 0, 1, ... inner steps (`<stage>/acc_step<k>`) at the last evaluation of a run; [] if none."""
+    pattern = re.compile(rf"^{re.escape(stage)}/acc_step(\d+)$")
+    found = {int(m.group(1)): scalars[tag]["value"][-1] for tag in scalars if (m := pattern.match(tag))}
+    return [found[k] for k in sorted(found)]

@@ -1,0 +1,96 @@
+"""The notebooks run top to bottom on a small slice of the real data and two short runs, and are committed without outputs."""
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+MINI_CLASSES, MINI_IMAGES = 5, 20  # enough for 5-way tasks of 1 + 15 images per class
+
+
+def test_notebooks_are_committed_without_outputs() -> None:
+    assert [p.name for p in NOTEBOOKS] == ["01_episodes.ipynb", "02_results.ipynb"]
+    for path in NOTEBOOKS:
+        cells = [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+        assert all(not c.outputs and c.execution_count is None for c in cells), f"{path.name} holds outputs: clear them"
+
+
+def _mini_slice(source: Path, target: Path) -> None:
+    """The first MINI_CLASSES classes x MINI_IMAGES images of each miniImageNet part, as images_<part>.zip."""
+    target.mkdir(parents=True)
+    for part in ("train", "val", "test"):
+        with zipfile.ZipFile(source / f"images_{part}.zip") as src, zipfile.ZipFile(target / f"images_{part}.zip", "w") as dst:
+            by_class: dict[str, list[str]] = {}
+            for name in sorted(n for n in src.namelist() if n.endswith(".jpg")):
+                by_class.setdefault(name.split("/")[-2], []).append(name)
+            for wnid in sorted(by_class)[:MINI_CLASSES]:
+                for name in by_class[wnid][:MINI_IMAGES]:
+                    dst.writestr(name, src.read(name))
+
+
+@pytest.fixture
+def environment(data_dir: Path, cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """DATA_DIR with the real Omniglot and a miniImageNet slice; a Jupyter kernel running this interpreter."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "omniglot").symlink_to(data_dir / "omniglot")
+    _mini_slice(data_dir / "miniimagenet", data / "miniimagenet")
+    kernel = tmp_path / "jupyter" / "kernels" / "metalight-test"
+    kernel.mkdir(parents=True)
+    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"], "display_name": "metalight test", "language": "python"}
+    (kernel / "kernel.json").write_text(json.dumps(spec))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))  # searched first: nothing is registered globally
+    monkeypatch.setenv("DATA_DIR", str(data))
+    monkeypatch.setenv("METALIGHT_CACHE", str(cache_dir))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    return data
+
+
+def _execute(name: str) -> nbformat.NotebookNode:
+    """Run notebooks/<name> in a fresh kernel from the notebooks folder; return it with its outputs."""
+    notebook = nbformat.read(ROOT / "notebooks" / name, as_version=4)
+    NotebookClient(notebook, kernel_name="metalight-test", timeout=120, resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    return notebook
+
+
+def _images(notebook: nbformat.NotebookNode) -> int:
+    """How many images the notebook's outputs hold."""
+    return sum("image/png" in out.get("data", {}) for cell in notebook.cells for out in cell.get("outputs", []))
+
+
+@pytest.mark.slow
+def test_episodes_notebook(environment: Path) -> None:
+    notebook = _execute("01_episodes.ipynb")
+    text = "".join(out.get("text", "") for cell in notebook.cells for out in cell.get("outputs", []))
+    assert "omniglot" in text and "4112" in text  # the real Omniglot train classes
+    assert f"{'miniimagenet':<14}{MINI_CLASSES:>8}{MINI_CLASSES:>8}{MINI_CLASSES:>8}" in text  # the slice
+    assert _images(notebook) == 2  # one figure of tasks per data set
+
+
+@pytest.mark.slow
+def test_results_notebook_on_two_short_runs(environment: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sweep = tmp_path / "sweep"
+    args = [
+        "-m", "algo=maml,reptile", f"hydra.sweep.dir={sweep}", f"paths.log_dir={tmp_path / 'logs'}", "model=conv4_strided",
+        "trainer.max_steps=2", "trainer.log_every_n_steps=1", "++trainer.enable_progress_bar=false", "data.batches_per_epoch=1",
+        "data.meta_batch_size=2", "data.n_val_tasks=2", "data.n_test_tasks=2", "data.eval_batch_size=2", "data.num_workers=0",
+        "data.persistent_workers=false", "algo.eval_inner_steps=3",
+    ]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    monkeypatch.setenv("METALIGHT_RUNS", str(sweep / "*"))
+    monkeypatch.setenv("METALIGHT_CKPT", str(sweep / "1"))  # job 1 (reptile): its last.ckpt
+    notebook = _execute("02_results.ipynb")
+    text = "".join(out.get("text", "") for cell in notebook.cells for out in cell.get("outputs", []))
+    assert "algo=maml" in text and "algo=reptile" in text
+    assert "label 4: before" in text
+    assert _images(notebook) == 2  # the curves, the adapted test task
