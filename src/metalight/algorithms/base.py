@@ -1,0 +1,296 @@
+"""EpisodicModule: the LightningModule every meta-learner shares (outer step, evaluation, metrics, logging).
+
+A subclass says how one meta-batch turns into meta-gradients (`compute_meta_gradient`) and which
+inner loops it adapts with (`train_loop`, `eval_loop`); this class owns the rest:
+
+* the outer step under manual optimization: non-finite meta-losses or meta-gradients skip the step
+  with a warning, `max_nonfinite_steps` in a row abort the run; optional gradient-norm clipping;
+  LR scheduler stepped once per outer step;
+* validation/test: adapt from the meta-parameters on each task's support set with gradients on
+  (the Trainer must run with inference_mode=False), score the query set at every inner step, sum
+  over tasks locally and reduce the sums across ranks once per epoch;
+* the train/*, val/*, test/* metrics and `test_results` for eval.py.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+
+from metalight.algorithms.functional import InnerLoop, TaskOutcome, TaskPath, make_task_fn, resolve_task_parallel, run_tasks, split_state
+from metalight.errors import ConfigError, MetalightError
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[..., Any]
+
+
+class NonFiniteMetaStepError(MetalightError):
+    """Too many meta-steps in a row had a non-finite meta-loss or meta-gradient."""
+
+
+def _mean_and_ci95(total: float, total_sq: float, n: int) -> tuple[float, float]:
+    """Mean and 95% confidence half-width 1.96 * std / sqrt(n) (sample std) from a sum and a sum of squares."""
+    mean = total / n
+    var = max(total_sq - n * mean * mean, 0.0) / (n - 1) if n > 1 else 0.0
+    return mean, 1.96 * math.sqrt(var / n)
+
+
+class EpisodicModule(pl.LightningModule):
+    """Base LightningModule of episodic meta-learners: outer step, evaluation by adaptation, metrics."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+        gradient_clip_val: float | None = None,
+        task_parallel: str = "auto",
+        max_nonfinite_steps: int = 10,
+        transductive: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model must be an instantiated torch.nn.Module, got {type(model).__name__}: check conf/model/.")
+        if gradient_clip_val is not None and not gradient_clip_val > 0:
+            raise ConfigError(f"gradient_clip_val={gradient_clip_val!r} is not valid: use a number > 0, or null for no clipping.")
+        if isinstance(max_nonfinite_steps, bool) or not isinstance(max_nonfinite_steps, int) or max_nonfinite_steps < 1:
+            raise ConfigError(f"max_nonfinite_steps={max_nonfinite_steps!r} is not valid: use a whole number >= 1.")
+        resolve_task_parallel(task_parallel, torch.device("cpu"), model)  # validates the name early
+        self.automatic_optimization = False
+        self.model = model
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.gradient_clip_val = gradient_clip_val
+        self.task_parallel = task_parallel
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.transductive = transductive
+        self.nonfinite_streak = 0
+        self.nonfinite_total = 0
+        self.test_results: dict[str, Any] = {}
+        self._eval_sums: Tensor | None = None
+        self._eval_seen = 0
+        self._last_step_start: float | None = None
+
+    # ---- what a subclass provides -------------------------------------------------------------
+    @property
+    def train_loop(self) -> InnerLoop:
+        """The inner loop used while meta-training."""
+        raise NotImplementedError
+
+    @property
+    def eval_loop(self) -> InnerLoop:
+        """The inner loop used at validation and test (never builds a graph through its steps)."""
+        raise NotImplementedError
+
+    def compute_meta_gradient(self, batch: dict[str, Tensor], measure: bool) -> TaskOutcome:
+        """Leave the meta-gradient (synced across ranks) in .grad; with measure, score the query set before and after."""
+        raise NotImplementedError
+
+    def default_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        """The outer optimizer when the config names none."""
+        raise NotImplementedError
+
+    def build_scheduler(self, optimizer: torch.optim.Optimizer) -> Any:
+        """The LR scheduler stepped after every outer step (None: constant LR)."""
+        return self.scheduler_factory(optimizer) if self.scheduler_factory is not None else None
+
+    def task_indices(self, batch: dict[str, Tensor], loop: InnerLoop, stream: str, task_ids: list[int]) -> Tensor | None:
+        """Support-set minibatch indices [B, steps, batch] for the tasks numbered task_ids, or None (full batch)."""
+        return None
+
+    # ---- shared machinery ---------------------------------------------------------------------
+    def path(self) -> TaskPath:
+        """vmap or loop for this module's device and model (see functional.resolve_task_parallel)."""
+        return resolve_task_parallel(self.task_parallel, self.device, self.model)
+
+    def adapt(self, batch: dict[str, Tensor], loop: InnerLoop, params: dict[str, Tensor], indices: Tensor | None, **options: Any) -> TaskOutcome:
+        """Adapt every task of `batch` from `params` with `loop`; options go to make_task_fn."""
+        _, fixed = split_state(self.model)
+        path = self.path()
+        task_fn = make_task_fn(self.model, fixed, loop, path, **options)
+        return run_tasks(task_fn, params, batch, indices, path, second_order=not loop.first_order)
+
+    def configure_optimizers(self) -> Any:
+        """The outer optimizer over the trainable parameters, with its scheduler stepped per meta-step."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params) if self.optimizer_factory is not None else self.default_optimizer(params)
+        scheduler = self.build_scheduler(optimizer)
+        if scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    @property
+    def world_size(self) -> int:
+        """Processes sharing each meta-batch (1 without a trainer)."""
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        """One meta-step: meta-gradient, finite check, clipping, outer optimizer and scheduler step, logging."""
+        start = time.perf_counter()
+        optimizer = self.optimizers()
+        optimizer.zero_grad(set_to_none=True)
+        outer_lr = float(optimizer.param_groups[0]["lr"])  # the LR this step uses, before the scheduler moves it
+        measure = self._logging_this_step()
+        outcome = self.compute_meta_gradient(batch, measure)
+
+        # one small collective per step: a NaN loss on any rank makes the mean NaN everywhere, so every
+        # rank takes the same skip decision (the gradient norm is the same everywhere after DDP's sync)
+        local = [outcome.loss.detach().mean()]
+        if measure:
+            local += [outcome.accs[:, -1].mean(), outcome.accs[:, 0].mean()]
+        reduced = self.trainer.strategy.reduce(torch.stack(local).float(), reduce_op="mean")
+        loss = reduced[0]
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else loss.new_zeros(())
+        if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
+            self._skip_step(float(loss), float(grad_norm))
+        else:
+            self.nonfinite_streak = 0
+            if self.gradient_clip_val is not None:
+                self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
+            optimizer.step()
+            scheduler = self.lr_schedulers()
+            if scheduler is not None:
+                scheduler.step()
+
+        batch_size = batch["support_x"].shape[0]
+        metrics = {
+            "train/grad_norm": grad_norm,
+            "train/inner_lr": float(self.train_loop.lr),
+            "train/outer_lr": outer_lr,
+            "train/nonfinite_steps": float(self.nonfinite_total),
+        }
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=batch_size)
+        if self._last_step_start is not None:  # throughput between consecutive step starts (data time included)
+            tasks_per_s = batch_size * self.world_size / max(start - self._last_step_start, 1e-9)
+            self.log("train/tasks_per_s", tasks_per_s, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
+        self._last_step_start = start
+        if measure:
+            self.log("train/acc_before", reduced[2], on_step=True, on_epoch=False, batch_size=batch_size)
+            self.log_dict({"train/loss": loss, "train/acc": reduced[1]}, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
+
+    def _logging_this_step(self) -> bool:
+        """Whether Lightning writes this step's metrics (log_every_n_steps): query accuracies are measured only then."""
+        connector = getattr(self.trainer, "_logger_connector", None)
+        return bool(getattr(connector, "should_update_logs", True))
+
+    def _skip_step(self, loss: float, grad_norm: float) -> None:
+        """Count a non-finite meta-step, warn, and abort after max_nonfinite_steps in a row."""
+        self.nonfinite_streak += 1
+        self.nonfinite_total += 1
+        if self.nonfinite_streak >= self.max_nonfinite_steps:
+            raise NonFiniteMetaStepError(
+                f"{self.nonfinite_streak} meta-steps in a row had a non-finite meta-loss or meta-gradient "
+                f"(last: loss={loss}, gradient norm={grad_norm}), at global step {self.global_step}. Training stopped; "
+                "the last checkpoint saved before this point is intact. Lower the outer learning rate "
+                "(algo.optimizer.lr) or algo.inner_lr, or set algo.gradient_clip_val, then resume or restart."
+            )
+        rank_zero_warn(
+            f"Skipped meta-step at global step {self.global_step}: non-finite meta-loss ({loss}) or meta-gradient "
+            f"norm ({grad_norm}); {self.nonfinite_streak} in a row, {self.nonfinite_total} in total "
+            f"(the run stops after algo.max_nonfinite_steps={self.max_nonfinite_steps} in a row)."
+        )
+
+    def on_train_epoch_start(self) -> None:
+        """Do not count the pause for validation as training time in train/tasks_per_s."""
+        self._last_step_start = None
+
+    # ---- evaluation ---------------------------------------------------------------------------
+    def _start_eval(self) -> None:
+        """Zero the per-epoch sums: count, acc, acc^2, loss, acc_before^2, then acc at each inner step."""
+        self._eval_sums = torch.zeros(5 + self.eval_loop.steps + 1, dtype=torch.float64, device=self.device)
+        self._eval_seen = 0
+
+    def _eval_step(self, batch: dict[str, Tensor], stream: str) -> None:
+        """Adapt every task of the batch from the meta-parameters, score the query set at each step, add to the sums."""
+        if torch.is_inference_mode_enabled():
+            raise ConfigError(
+                "evaluation adapts with gradients, which inference mode forbids: build the Trainer with "
+                "inference_mode=False (trainer.inference_mode=false)."
+            )
+        if self._eval_sums is None:
+            self._start_eval()
+        loop = self.eval_loop
+        # eval tasks are dealt round-robin (rank r holds tasks r, r+W, ...): number them globally
+        n_tasks = batch["support_x"].shape[0]
+        task_ids = [(self._eval_seen + j) * self.world_size + self.global_rank for j in range(n_tasks)]
+        indices = self.task_indices(batch, loop, stream, task_ids)
+        params = {k: v.detach() for k, v in split_state(self.model)[0].items()}
+        with torch.enable_grad():
+            outcome = self.adapt(batch, loop, params, indices, record="every_step", transductive=self.transductive)
+        accs = outcome.accs.detach().double()
+        final, before = accs[:, -1], accs[:, 0]
+        head = torch.stack([final.new_tensor(float(len(final))), final.sum(), (final**2).sum(), outcome.loss.detach().double().sum(), (before**2).sum()])
+        self._eval_sums += torch.cat([head, accs.sum(dim=0)])
+        self._eval_seen += len(final)
+
+    def _finish_eval(self, stage: str) -> dict[str, Any]:
+        """Reduce the sums over ranks (one collective), log stage/* metrics, return them as plain numbers."""
+        if self._eval_sums is None:
+            self._start_eval()
+        sums = self.trainer.strategy.reduce(self._eval_sums, reduce_op="sum").tolist()
+        self._eval_sums = None
+        n = int(sums[0])
+        if n == 0:
+            return {}
+        acc, acc_ci95 = _mean_and_ci95(sums[1], sums[2], n)
+        acc_steps = [s / n for s in sums[5:]]
+        acc_before, acc_before_ci95 = _mean_and_ci95(sums[5], sums[4], n)
+        results = {
+            "acc": acc,
+            "acc_ci95": acc_ci95,
+            "acc_before": acc_before,
+            "acc_before_ci95": acc_before_ci95,
+            "loss": sums[3] / n,
+            "n_tasks": n,
+            "acc_steps": acc_steps,
+        }
+        logged = {f"{stage}/{k}": v for k, v in results.items() if k not in ("acc", "n_tasks", "acc_steps")}
+        logged.update({f"{stage}/acc_step{k}": v for k, v in enumerate(acc_steps)})
+        # identical on every rank already (reduced above); sync_dist averages equal values, so it only
+        # keeps Lightning from warning about unsynced epoch-level metrics under DDP
+        self.log_dict(logged, sync_dist=True)
+        self.log(f"{stage}/acc", acc, prog_bar=True, sync_dist=True)
+        return results
+
+    def on_validation_epoch_start(self) -> None:
+        """Zero the validation sums."""
+        self._start_eval()
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        """Adapt and score one batch of validation tasks."""
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        """Log val/acc (checkpoint monitor), val/acc_ci95, val/acc_before, val/loss, val/acc_step{k}."""
+        self._finish_eval("val")
+
+    def on_test_epoch_start(self) -> None:
+        """Zero the test sums."""
+        self._start_eval()
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        """Adapt and score one batch of test tasks."""
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        """Log test/* and keep them in `test_results` (acc, acc_ci95, acc_before, loss, n_tasks, acc_steps)."""
+        self.test_results = self._finish_eval("test")
+
+    # ---- checkpoint ---------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the non-finite step counters with the weights."""
+        checkpoint["nonfinite"] = {"streak": self.nonfinite_streak, "total": self.nonfinite_total}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the non-finite step counters."""
+        counters = checkpoint.get("nonfinite", {})
+        self.nonfinite_streak = counters.get("streak", 0)
+        self.nonfinite_total = counters.get("total", 0)

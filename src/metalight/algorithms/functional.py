@@ -1,0 +1,314 @@
+"""Functional adaptation: weights as a dict, inner optimizers on that dict, one task's adapt-and-score, vmap or loop.
+
+Nothing here mutates a module's parameters: a model is only ever called through
+`torch.func.functional_call` with a dict of tensors, so the meta-parameters stay untouched and the
+inner steps stay differentiable. The same per-task function runs over a meta-batch either with
+`torch.func.vmap` (inner gradients by `torch.func.grad`) or in a Python loop (inner gradients by
+`torch.autograd.grad`); both give the same numbers. On CPU the loop path keeps images and conv
+weights channels-last (faster oneDNN kernels), and `loop_meta_gradient` differentiates each task
+as soon as it is adapted, so that only one task's graph is ever held in memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.overrides import TorchFunctionMode
+
+from metalight.errors import ConfigError
+
+Params = dict[str, Tensor]
+TaskPath = Literal["vmap", "loop"]
+TASK_PARALLEL = ("auto", "vmap", "loop")
+INNER_OPTIMIZERS = ("sgd", "adam")
+RECORD = ("every_step", "ends", "last", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class InnerLoop:
+    """How one task's weights are adapted: optimizer, step size, steps, minibatch size, differentiability.
+
+    batch_size=None takes the whole support set at every step (MAML); an int draws minibatches of
+    that many support examples, cycling through reshuffled passes (Reptile). first_order=False keeps
+    the graph of every inner step so the outer gradient goes through them (second-order MAML).
+    """
+
+    steps: int
+    lr: float
+    optimizer: str = "sgd"
+    batch_size: int | None = None
+    betas: tuple[float, float] = (0.0, 0.999)
+    eps: float = 1e-8
+    first_order: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+            raise ConfigError(f"inner steps={self.steps!r} is not valid: use a whole number >= 0.")
+        if not self.lr > 0:
+            raise ConfigError(f"inner learning rate {self.lr!r} is not valid: use a number > 0, e.g. 0.4 for MAML.")
+        if self.optimizer not in INNER_OPTIMIZERS:
+            raise ConfigError(f"inner_optimizer={self.optimizer!r} is not known: use one of {INNER_OPTIMIZERS}.")
+        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
+            raise ConfigError(f"inner batch size {self.batch_size!r} is not valid: use a whole number >= 1 or null.")
+
+
+class TaskOutcome(NamedTuple):
+    """What adapting one task (or, stacked, a meta-batch) gives back."""
+
+    loss: Tensor  # query cross-entropy at the adapted weights ([] per task, [B] stacked)
+    accs: Tensor  # query accuracy at each recorded step, in step order (the last step last)
+    params: Params  # adapted weights (empty unless asked for)
+
+
+def split_state(module: nn.Module) -> tuple[Params, Params]:
+    """The weights an inner loop adapts (trainable parameters) and what it keeps fixed (frozen ones, buffers)."""
+    params = {name: p for name, p in module.named_parameters() if p.requires_grad}
+    fixed = {name: p for name, p in module.named_parameters() if not p.requires_grad}
+    fixed.update(dict(module.named_buffers()))
+    return params, fixed
+
+
+def tracks_running_stats(module: nn.Module) -> bool:
+    """True when a normalization layer keeps running statistics (updated in place in training mode)."""
+    return any(
+        isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats and m.running_mean is not None
+        for m in module.modules()
+    )
+
+
+def resolve_task_parallel(mode: str, device: torch.device, module: nn.Module) -> TaskPath:
+    """The path a meta-batch takes: `vmap` or `loop`; `auto` is vmap on accelerators, loop on CPU.
+
+    On CPU the loop measured faster than vmap for every benchmark case (benchmarks/meta_step.py);
+    on GPUs vmap batches the tasks into a few large kernels. Running statistics are updated in
+    place, which vmap cannot do, so they force the loop.
+    """
+    if mode not in TASK_PARALLEL:
+        raise ConfigError(f"task_parallel={mode!r} is not known: use one of {TASK_PARALLEL}.")
+    running = tracks_running_stats(module)
+    if mode == "vmap" and running:
+        raise ConfigError(
+            "task_parallel=vmap cannot update BatchNorm running statistics in place: set "
+            "model.track_running_stats=false or algo.task_parallel=loop."
+        )
+    if mode == "auto":
+        return "loop" if running or device.type == "cpu" else "vmap"
+    return mode  # type: ignore[return-value]
+
+
+def task_loss(model: nn.Module, params: Params, fixed: Params, x: Tensor, y: Tensor) -> Tensor:
+    """Mean cross-entropy of the model with weights `params` on one batch."""
+    return F.cross_entropy(functional_call(model, (params, fixed), (x,)), y)
+
+
+def accuracy(logits: Tensor, y: Tensor) -> Tensor:
+    """Fraction of rows whose arg-max is the label."""
+    return (logits.argmax(dim=-1) == y).to(logits.dtype).mean()
+
+
+def _autograd_grads(loss_fn: Callable[[Params], Tensor], params: Params, create_graph: bool) -> Params:
+    """Gradient of loss_fn at params by torch.autograd.grad (the loop path)."""
+    if not create_graph:
+        params = {k: v.detach().requires_grad_() for k, v in params.items()}
+    with torch.enable_grad():
+        loss = loss_fn(params)
+        grads = torch.autograd.grad(loss, tuple(params.values()), create_graph=create_graph, materialize_grads=True)
+    return dict(zip(params, grads))
+
+
+def _func_grads(loss_fn: Callable[[Params], Tensor], params: Params, create_graph: bool) -> Params:
+    """Gradient of loss_fn at params by torch.func.grad (composes with vmap; differentiable when create_graph)."""
+    if not create_graph:
+        params = {k: v.detach() for k, v in params.items()}
+    return torch.func.grad(loss_fn)(params)
+
+
+def _batch_norm(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """F.batch_norm written with elementary ops (never updates running statistics)."""
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    if training or running_mean is None:
+        dims = [0, *range(2, x.dim())]
+        var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
+    else:
+        mean, var = running_mean.view(shape), running_var.view(shape)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        out = out * weight.view(shape)
+    if bias is not None:
+        out = out + bias.view(shape)
+    return out
+
+
+class ElementaryBatchNorm(TorchFunctionMode):
+    """Routes F.batch_norm to `_batch_norm` while active.
+
+    In torch 2.14 the second derivative of the native batch_norm under vmap(grad) is wrong (errors
+    of 1e-2 on float64 meta-gradients of every layer below a BatchNorm; first derivatives are fine).
+    The same function built from mean/var/rsqrt is exact, so the vmap path uses it for second order.
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.batch_norm:
+            return _batch_norm(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def minibatch_indices(n: int, loop: InnerLoop, generator: torch.Generator) -> Tensor | None:
+    """Support-set indices [steps, batch_size] for each inner step: reshuffled passes, batches may span two.
+
+    None when every step takes the whole support set (no batch size, or one at least as large as it).
+    """
+    if loop.batch_size is None or loop.batch_size >= n or loop.steps == 0:
+        return None
+    needed = loop.steps * loop.batch_size
+    passes = [torch.randperm(n, generator=generator) for _ in range(-(-needed // n))]
+    return torch.cat(passes)[:needed].view(loop.steps, loop.batch_size)
+
+
+def _init_state(params: Params, loop: InnerLoop) -> dict[str, Params]:
+    """Fresh inner-optimizer state for one task (Adam moments start at zero for every task)."""
+    if loop.optimizer == "sgd":
+        return {}
+    return {"m": {k: torch.zeros_like(v) for k, v in params.items()}, "v": {k: torch.zeros_like(v) for k, v in params.items()}}
+
+
+def _update(params: Params, grads: Params, state: dict[str, Params], step: int, loop: InnerLoop) -> Params:
+    """One inner SGD or Adam step on the weight dict (state is updated in place; step counts from 1)."""
+    if loop.optimizer == "sgd":
+        return {k: p - loop.lr * grads[k] for k, p in params.items()}
+    beta1, beta2 = loop.betas
+    step_size = loop.lr / (1 - beta1**step)
+    root_correction = (1 - beta2**step) ** 0.5
+    new = {}
+    for k, p in params.items():
+        state["m"][k] = beta1 * state["m"][k] + (1 - beta1) * grads[k]
+        state["v"][k] = beta2 * state["v"][k] + (1 - beta2) * grads[k] ** 2
+        new[k] = p - step_size * state["m"][k] / (state["v"][k].sqrt() / root_correction + loop.eps)
+    return new
+
+
+def _channels_last(tensor: Tensor) -> Tensor:
+    """On CPU, image batches [B, N, C, H, W] and conv weights [O, I, kH, kW] in channels-last layout.
+
+    oneDNN's convolutions and max-pooling run 1.3-1.4x faster on channels-last activations than on
+    NCHW ones on CPU (benchmarks/meta_step.py). An activation is channels-last when its input or its
+    weight is, so both are converted (the weights differentiably). Anything else is left as it is.
+    """
+    if tensor.device.type != "cpu" or not tensor.is_floating_point() or tensor.dim() not in (4, 5):
+        return tensor
+    if tensor.dim() == 4:
+        return tensor.to(memory_format=torch.channels_last)  # unlike .contiguous(), restrides 1-channel weights too
+    return tensor.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+
+
+def make_task_fn(
+    model: nn.Module,
+    fixed: Params,
+    loop: InnerLoop,
+    path: TaskPath,
+    *,
+    record: str = "ends",
+    transductive: bool = True,
+    return_params: bool = False,
+) -> Callable[..., TaskOutcome]:
+    """The function (params, support_x, support_y, query_x, query_y, indices) -> TaskOutcome of one task.
+
+    It takes `loop.steps` inner steps on the support set (or on the minibatches `indices` picks) and
+    scores the query set (`record`): at every step ("every_step"), at step 0 and the last step
+    ("ends"), at the last step only ("last"), or not at all ("none": loss 0, no accuracies; for
+    training steps whose metrics nobody logs). transductive=False scores each query example alone,
+    in a batch made of the support set and that one example, so BatchNorm never sees two of them.
+    """
+    if record not in RECORD:
+        raise ValueError(f"record={record!r}: use one of {RECORD}")
+    grads_of = _func_grads if path == "vmap" else _autograd_grads
+    layout = _channels_last if path == "loop" else (lambda tensor: tensor)
+    create_graph = not loop.first_order
+
+    def logits_of(params: Params, support_x: Tensor, query_x: Tensor) -> Tensor:
+        if transductive:
+            return functional_call(model, (params, fixed), (query_x,))
+
+        def one(example: Tensor) -> Tensor:
+            batch = torch.cat([support_x, example.unsqueeze(0)])
+            return functional_call(model, (params, fixed), (batch,))[-1]
+
+        return torch.vmap(one)(query_x)
+
+    def run(params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, indices: Tensor | None) -> TaskOutcome:
+        state = _init_state(params, loop)
+        accs = []
+        for step in range(loop.steps):
+            if record == "every_step" or (record == "ends" and step == 0):
+                with torch.no_grad():
+                    accs.append(accuracy(logits_of(params, support_x, query_x), query_y))
+            x, y = (support_x, support_y) if indices is None else (support_x[indices[step]], support_y[indices[step]])
+            grads = grads_of(lambda p: task_loss(model, p, fixed, x, y), params, create_graph)
+            # w - lr * g loses the channels-last layout of 1-channel conv weights: restore it
+            params = {k: layout(v) for k, v in _update(params, grads, state, step + 1, loop).items()}
+        kept = params if return_params else {}
+        if record == "none":
+            return TaskOutcome(support_x.new_zeros(()), support_x.new_zeros(0), kept)
+        logits = logits_of(params, support_x, query_x)
+        accs.append(accuracy(logits.detach(), query_y))
+        return TaskOutcome(F.cross_entropy(logits, query_y), torch.stack(accs), kept)
+
+    return run
+
+
+def loop_meta_gradient(task_fn: Callable[..., TaskOutcome], params: Params, batch: dict[str, Tensor]) -> tuple[TaskOutcome, Params]:
+    """The loop path's gradient of the mean query loss w.r.t. params, each task differentiated right after it is adapted.
+
+    Only one task's graph is alive at a time, so peak memory is that of one task rather than of the
+    meta-batch, and each backward pass works on data still in cache.
+    """
+    inputs = tuple(_channels_last(batch[k]) for k in ("support_x", "support_y", "query_x", "query_y"))
+    n_tasks = inputs[0].shape[0]
+    total = {k: torch.zeros_like(v) for k, v in params.items()}
+    losses, accs = [], []
+    for i in range(n_tasks):
+        # converted per task, so that each task's graph ends at the leaves and is freed whole
+        outcome = task_fn({k: _channels_last(v) for k, v in params.items()}, *(t[i] for t in inputs), None)
+        grads = torch.autograd.grad(outcome.loss / n_tasks, tuple(params.values()), materialize_grads=True)
+        for k, g in zip(total, grads):
+            total[k] += g
+        losses.append(outcome.loss.detach())
+        accs.append(outcome.accs)
+    return TaskOutcome(torch.stack(losses), torch.stack(accs), {}), total
+
+
+def run_tasks(task_fn: Callable[..., TaskOutcome], params: Params, batch: dict[str, Tensor], indices: Tensor | None, path: TaskPath, second_order: bool) -> TaskOutcome:
+    """Apply task_fn to every task of a meta-batch (leading dim B) by vmap or a loop; outcomes stacked on dim 0."""
+    inputs = (batch["support_x"], batch["support_y"], batch["query_x"], batch["query_y"])
+    if path == "vmap":
+        vmapped = torch.func.vmap(task_fn, in_dims=(None, 0, 0, 0, 0, None if indices is None else 0), randomness="different")
+        if second_order:
+            with ElementaryBatchNorm():
+                return vmapped(params, *inputs, indices)
+        return vmapped(params, *inputs, indices)
+    inputs = tuple(_channels_last(t) for t in inputs)
+    params = {k: _channels_last(v) for k, v in params.items()}
+    outcomes = [
+        task_fn(params, *(t[i] for t in inputs), None if indices is None else indices[i]) for i in range(inputs[0].shape[0])
+    ]
+    return TaskOutcome(
+        torch.stack([o.loss for o in outcomes]),
+        torch.stack([o.accs for o in outcomes]),
+        {k: torch.stack([o.params[k] for o in outcomes]) for k in outcomes[0].params},
+    )

@@ -1,0 +1,70 @@
+"""MAML and first-order MAML (Finn et al. 2017): inner SGD on the support set, meta-gradient of the query loss."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from metalight.algorithms.base import EpisodicModule, OptimizerFactory, SchedulerFactory
+from metalight.algorithms.functional import InnerLoop, TaskOutcome, loop_meta_gradient, make_task_fn, run_tasks, split_state
+
+
+class MAML(EpisodicModule):
+    """Model-agnostic meta-learning; first_order=True is FOMAML (inner gradients treated as constants).
+
+    Each task takes `inner_steps` SGD steps of size `inner_lr` on its whole support set; the outer
+    loss is the mean query cross-entropy over the meta-batch. Second order, the meta-gradient goes
+    through the inner steps exactly. Validation and test adapt with `eval_inner_steps` steps of
+    `eval_inner_lr` (default: inner_lr). The outer optimizer defaults to Adam(lr=1e-3).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inner_lr: float = 0.4,
+        inner_steps: int = 1,
+        eval_inner_steps: int = 3,
+        first_order: bool = False,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+        gradient_clip_val: float | None = None,
+        task_parallel: str = "auto",
+        max_nonfinite_steps: int = 10,
+        eval_inner_lr: float | None = None,
+        transductive: bool = True,
+    ) -> None:
+        super().__init__(model, optimizer, scheduler, gradient_clip_val, task_parallel, max_nonfinite_steps, transductive)
+        # the model and the optimizer/scheduler factories stay out of the checkpoint's hyper-parameters:
+        # the run's Hydra config records them, and plain values keep checkpoints loadable with weights_only=True
+        self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
+        self._train_loop = InnerLoop(steps=inner_steps, lr=inner_lr, first_order=first_order)
+        self._eval_loop = InnerLoop(steps=eval_inner_steps, lr=inner_lr if eval_inner_lr is None else eval_inner_lr)
+
+    @property
+    def train_loop(self) -> InnerLoop:
+        """SGD on the whole support set, differentiable unless first_order."""
+        return self._train_loop
+
+    @property
+    def eval_loop(self) -> InnerLoop:
+        """SGD on the whole support set with the evaluation step count and learning rate."""
+        return self._eval_loop
+
+    def default_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        """Adam(lr=1e-3), the paper's outer optimizer."""
+        return torch.optim.Adam(params, lr=1e-3)
+
+    def compute_meta_gradient(self, batch: dict[str, Tensor], measure: bool) -> TaskOutcome:
+        """Adapt all tasks from the meta-parameters and backpropagate the mean query loss (DDP averages it)."""
+        params, fixed = split_state(self.model)
+        path = self.path()
+        task_fn = make_task_fn(self.model, fixed, self.train_loop, path, record="ends" if measure else "last")
+        if path == "vmap":
+            outcome = run_tasks(task_fn, params, batch, None, path, second_order=not self.train_loop.first_order)
+            self.manual_backward(outcome.loss.mean())
+            return outcome
+        outcome, grads = loop_meta_gradient(task_fn, params, batch)
+        # DDP averages gradients during the backward pass manual_backward runs: a surrogate linear in
+        # the parameters, whose gradient is exactly the meta-gradient computed above, goes through it
+        self.manual_backward(sum((p * grads[k]).sum() for k, p in params.items()))
+        return outcome

@@ -1,0 +1,62 @@
+"""Conv4, the four-block convolutional network of the few-shot literature, in its pooled and strided forms."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from metalight.errors import ConfigError
+
+
+def _block(in_channels: int, out_channels: int, pool: bool, track_running_stats: bool) -> nn.Sequential:
+    """conv3x3 -> BatchNorm -> ReLU, then a 2x2 max-pool (pool=True) or with the conv striding by 2 (pool=False)."""
+    layers: list[nn.Module] = [
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1 if pool else 2, padding=1),
+        nn.BatchNorm2d(out_channels, track_running_stats=track_running_stats),
+        nn.ReLU(),
+    ]
+    if pool:
+        layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers)
+
+
+class Conv4(nn.Module):
+    """Four conv blocks and a linear head to `n_way` logits (Vinyals et al. 2016; Finn et al. 2017).
+
+    pool=True:  4 x [conv3x3 pad 1 -> BN -> ReLU -> maxpool 2], flatten, linear (MAML's miniImageNet net).
+    pool=False: 4 x [conv3x3 stride 2 pad 1 -> BN -> ReLU], spatial mean, linear (MAML's Omniglot net).
+    track_running_stats=False makes BatchNorm normalize with the statistics of the batch it is given,
+    in training and in eval mode alike, so nothing carries over from one task to the next.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        n_way: int,
+        hidden: int = 64,
+        image_size: int = 28,
+        pool: bool = True,
+        track_running_stats: bool = False,
+    ) -> None:
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("n_way", n_way), ("hidden", hidden), ("image_size", image_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"Conv4 {name}={value!r} is not valid: it must be a whole number >= 1.")
+        if pool and image_size < 16:
+            raise ConfigError(
+                f"Conv4 image_size={image_size} is too small for four 2x2 max-pools (needs >= 16): "
+                "use model=conv4_strided or larger images."
+            )
+        channels = [in_channels] + [hidden] * 4
+        self.pool = pool
+        self.features = nn.Sequential(*(_block(c_in, c_out, pool, track_running_stats) for c_in, c_out in zip(channels, channels[1:])))
+        side = image_size
+        for _ in range(4):
+            side = side // 2 if pool else (side + 1) // 2
+        self.head = nn.Linear(hidden * side * side if pool else hidden, n_way)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits [batch, n_way] of images [batch, in_channels, image_size, image_size]."""
+        features = self.features(x)
+        features = features.flatten(1) if self.pool else features.mean(dim=(2, 3))
+        return self.head(features)
