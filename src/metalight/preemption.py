@@ -56,7 +56,7 @@ class LastCheckpoint(Callback):
         """Write the checkpoint of the trainer's current state (every rank calls this; rank 0 writes)."""
         if trainer.fast_dev_run or trainer.sanity_checking or trainer.global_step == self._saved_step:
             return
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)  # full state: optimizer, loops, callbacks
         self._saved_step = trainer.global_step
 
     def _note_sigterm(self, signum: int, frame: Any) -> None:

@@ -23,11 +23,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
-from torch.func import functional_call
 from torchvision.utils import make_grid
 
 from metalight.algorithms.base import EpisodicModule
-from metalight.algorithms.functional import split_state
+from metalight.algorithms.functional import query_logits, split_state
 
 Task = dict[str, Tensor]
 
@@ -122,18 +121,6 @@ def show_task(
     ax.set_title(title)
 
 
-def _query_logits(algorithm: EpisodicModule, params: dict[str, Tensor], fixed: dict[str, Tensor], support_x: Tensor, query_x: Tensor) -> Tensor:
-    """Query logits of one task with weights `params`, scored the way the algorithm's evaluation scores them.
-
-    transductive: the query set is one batch (BatchNorm sees all of it); otherwise each query example is
-    scored in a batch made of the support set and that example alone.
-    """
-    if algorithm.transductive:
-        return functional_call(algorithm.model, (params, fixed), (query_x,))
-    batches = torch.cat([support_x.expand(len(query_x), *support_x.shape), query_x.unsqueeze(1)], dim=1)
-    return torch.stack([functional_call(algorithm.model, (params, fixed), (b,))[-1] for b in batches])
-
-
 def query_predictions(algorithm: EpisodicModule, batch: Task, stream: str = "val", task_ids: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
     """Predicted query labels [B, N*Q] before and after adapting each task of `batch` with the evaluation inner loop.
 
@@ -152,9 +139,9 @@ def query_predictions(algorithm: EpisodicModule, batch: Task, stream: str = "val
     with torch.no_grad():
         for i in range(len(task_ids)):
             support_x, query_x = batch["support_x"][i], batch["query_x"][i]
-            before.append(_query_logits(algorithm, params, fixed, support_x, query_x).argmax(-1))
+            before.append(query_logits(algorithm.model, params, fixed, support_x, query_x, algorithm.transductive).argmax(-1))
             mine = {k: v[i] for k, v in adapted.items()}
-            after.append(_query_logits(algorithm, mine, fixed, support_x, query_x).argmax(-1))
+            after.append(query_logits(algorithm.model, mine, fixed, support_x, query_x, algorithm.transductive).argmax(-1))
     return torch.stack(before), torch.stack(after)
 
 

@@ -79,15 +79,10 @@ class EpisodicModule(pl.LightningModule):
         self._last_step_start: float | None = None
 
     # ---- what a subclass provides -------------------------------------------------------------
-    @property
-    def train_loop(self) -> InnerLoop:
-        """The inner loop used while meta-training."""
-        raise NotImplementedError
-
-    @property
-    def eval_loop(self) -> InnerLoop:
-        """The inner loop used at validation and test (never builds a graph through its steps)."""
-        raise NotImplementedError
+    # the inner loop used while meta-training, and the one of validation and test (never builds a
+    # graph through its steps); each subclass sets both in its __init__
+    train_loop: InnerLoop
+    eval_loop: InnerLoop
 
     def compute_meta_gradient(self, batch: dict[str, Tensor], measure: bool) -> TaskOutcome:
         """Leave the meta-gradient (synced across ranks) in .grad; with measure, score the query set before and after."""

@@ -217,6 +217,22 @@ def _channels_last(tensor: Tensor) -> Tensor:
     return tensor.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
 
 
+def query_logits(model: nn.Module, params: Params, fixed: Params, support_x: Tensor, query_x: Tensor, transductive: bool) -> Tensor:
+    """Query logits of one task with weights `params`, the way evaluation scores them.
+
+    transductive: the query set is one batch (BatchNorm sees all of it); otherwise each query example is
+    scored in a batch made of the support set and that example alone.
+    """
+    if transductive:
+        return functional_call(model, (params, fixed), (query_x,))
+
+    def one(example: Tensor) -> Tensor:
+        batch = torch.cat([support_x, example.unsqueeze(0)])
+        return functional_call(model, (params, fixed), (batch,))[-1]
+
+    return torch.vmap(one)(query_x)
+
+
 def make_task_fn(
     model: nn.Module,
     fixed: Params,
@@ -242,14 +258,7 @@ def make_task_fn(
     create_graph = not loop.first_order
 
     def logits_of(params: Params, support_x: Tensor, query_x: Tensor) -> Tensor:
-        if transductive:
-            return functional_call(model, (params, fixed), (query_x,))
-
-        def one(example: Tensor) -> Tensor:
-            batch = torch.cat([support_x, example.unsqueeze(0)])
-            return functional_call(model, (params, fixed), (batch,))[-1]
-
-        return torch.vmap(one)(query_x)
+        return query_logits(model, params, fixed, support_x, query_x, transductive)
 
     def run(params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, indices: Tensor | None) -> TaskOutcome:
         state = _init_state(params, loop)

@@ -37,18 +37,8 @@ class MAML(EpisodicModule):
         # the model and the optimizer/scheduler factories stay out of the checkpoint's hyper-parameters:
         # the run's Hydra config records them, and plain values keep checkpoints loadable with weights_only=True
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
-        self._train_loop = InnerLoop(steps=inner_steps, lr=inner_lr, first_order=first_order)
-        self._eval_loop = InnerLoop(steps=eval_inner_steps, lr=inner_lr if eval_inner_lr is None else eval_inner_lr)
-
-    @property
-    def train_loop(self) -> InnerLoop:
-        """SGD on the whole support set, differentiable unless first_order."""
-        return self._train_loop
-
-    @property
-    def eval_loop(self) -> InnerLoop:
-        """SGD on the whole support set with the evaluation step count and learning rate."""
-        return self._eval_loop
+        self.train_loop = InnerLoop(steps=inner_steps, lr=inner_lr, first_order=first_order)
+        self.eval_loop = InnerLoop(steps=eval_inner_steps, lr=inner_lr if eval_inner_lr is None else eval_inner_lr)
 
     def default_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         """Adam(lr=1e-3), the paper's outer optimizer."""

@@ -74,21 +74,11 @@ class Reptile(EpisodicModule):
             )
         inner_betas = (float(inner_betas[0]), float(inner_betas[1]))  # a plain tuple in the checkpoint, not a ListConfig
         self.save_hyperparameters(ignore=["model", "optimizer"])
-        self._train_loop = InnerLoop(inner_steps, inner_lr, inner_optimizer, inner_batch_size, inner_betas)
-        self._eval_loop = InnerLoop(
+        self.train_loop = InnerLoop(inner_steps, inner_lr, inner_optimizer, inner_batch_size, inner_betas)
+        self.eval_loop = InnerLoop(
             eval_inner_steps, inner_lr if eval_inner_lr is None else eval_inner_lr, inner_optimizer, eval_inner_batch_size, inner_betas
         )
         self.meta_lr, self.meta_lr_final, self.seed = meta_lr, meta_lr_final, seed
-
-    @property
-    def train_loop(self) -> InnerLoop:
-        """First-order SGD/Adam on support minibatches."""
-        return self._train_loop
-
-    @property
-    def eval_loop(self) -> InnerLoop:
-        """The fine-tuning loop of validation and test."""
-        return self._eval_loop
 
     def default_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         """Plain SGD with LR eps: the step is then exactly eps * (mean phi - theta)."""
