@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 # A short MAML run on Omniglot (5-way 1-shot); extra Hydra overrides go in ARGS="...".
 train: install
 	$(BIN)/python train.py experiment=quick_omniglot $(ARGS)
-	@echo "TensorBoard logs: $(CURDIR)/logs  ->  $(BIN)/tensorboard --logdir logs"
+	@echo "TensorBoard logs are under $(CURDIR)/logs: make tensorboard (or $(BIN)/tensorboard --logdir logs)"
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

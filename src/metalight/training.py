@@ -1,4 +1,4 @@
-"""The train and evaluate entry points: plain functions of a composed config, called by train.py/eval.py and the tests."""
+"""Training from a composed config: build() makes every object (evaluation reuses it), train() fits and tests."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from metalight.checkpoint_io import ensure_writable
 from metalight.checkpoints import load_checkpoint, resolve_checkpoint
@@ -65,6 +65,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     record_results(trainer, cfg.paths.output_dir, results)
     if results["best_val_acc"] is not None:
         metrics["val/acc_best"] = results["best_val_acc"]  # what hparams_search/* optimizes
+    if trainer.is_global_zero:
+        log.info("Run folder: %s (TensorBoard: tensorboard --logdir %s)", cfg.paths.output_dir, cfg.paths.log_dir)
     return metrics, objects
 
 
@@ -86,8 +88,6 @@ def _checkpoint_to_resume(cfg: DictConfig) -> str | None:
 
 def cfg_to_hparams(cfg: DictConfig) -> dict[str, Any]:
     """The composed config flattened to `group/key` scalars, as TensorBoard's hparams view wants them."""
-    from omegaconf import OmegaConf
-
     flat: dict[str, Any] = {}
 
     def visit(prefix: str, node: Any) -> None:
