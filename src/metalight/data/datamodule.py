@@ -197,7 +197,7 @@ class FewShotDataModule(LightningDataModule):
             sampler=sampler,
             batch_size=None,
             num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),  # pinning only helps a GPU copy
             persistent_workers=self.persistent_workers and self.num_workers > 0,
         )
 
