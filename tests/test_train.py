@@ -51,6 +51,9 @@ def test_ddp_cpu_two_processes_share_one_run_folder(tmp_path, data_dir, cache_di
         ("algo=mamll", "Could not find 'algo/mamll'"),
         ("algo.no_such_key=1", "no_such_key"),
         ("data.n_way=abc", "data.n_way"),
+        ("trainer.max_steps=abc", "trainer.max_steps"),
+        ("data.split=foo", "data.split='foo' is not a split of omniglot"),
+        ("data.k_shot=10", "data.k_shot=10 + data.k_query=15"),
     ],
 )
 def test_cli_errors_are_one_clear_message(tmp_path, data_dir, cache_dir, override, expected):

@@ -6,20 +6,28 @@ from omegaconf import DictConfig, OmegaConf
 
 from metalight.errors import ConfigError
 
-# Keys left unset (null) are skipped: their owners fall back to a documented default.
-_POSITIVE_INTS = (
-    "data.n_way",
-    "data.k_shot",
-    "data.k_query",
-    "data.meta_batch_size",
-    "data.eval_batch_size",
-    "data.batches_per_epoch",
-    "data.n_val_tasks",
-    "data.n_test_tasks",
-    "data.image_size",
-)
-_NON_NEGATIVE_INTS = ("algo.inner_steps", "algo.eval_inner_steps", "data.num_workers")
-_POSITIVE_FLOATS = ("algo.inner_lr",)
+# key -> smallest allowed whole number. Keys left unset (null) are skipped: their owners fall back to a
+# documented default.
+_INT_MINIMUMS = {
+    "seed": 0,
+    "data.n_way": 1,
+    "data.k_shot": 1,
+    "data.k_query": 1,
+    "data.meta_batch_size": 1,
+    "data.eval_batch_size": 1,
+    "data.batches_per_epoch": 1,
+    "data.n_val_tasks": 1,
+    "data.n_test_tasks": 1,
+    "data.image_size": 1,
+    "data.num_workers": 0,
+    "algo.inner_steps": 0,
+    "algo.eval_inner_steps": 0,
+    "trainer.max_steps": -1,
+    "trainer.max_epochs": -1,
+    "trainer.log_every_n_steps": 1,
+    "trainer.num_nodes": 1,
+}
+_POSITIVE_FLOATS = ("algo.inner_lr", "algo.eval_inner_lr", "algo.meta_lr", "algo.optimizer.lr")
 
 
 def _value(cfg: DictConfig, key: str) -> object:
@@ -28,11 +36,10 @@ def _value(cfg: DictConfig, key: str) -> object:
 
 def validate_config(cfg: DictConfig) -> None:
     """Raise ConfigError naming the key, the value and the fix for the first out-of-range setting."""
-    for key in _POSITIVE_INTS + _NON_NEGATIVE_INTS:
+    for key, smallest in _INT_MINIMUMS.items():
         value = _value(cfg, key)
         if value is None:
             continue
-        smallest = 1 if key in _POSITIVE_INTS else 0
         if isinstance(value, bool) or not isinstance(value, int) or value < smallest:
             raise ConfigError(
                 f"{key}={value!r} is not valid: it must be a whole number >= {smallest}. "

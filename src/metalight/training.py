@@ -7,33 +7,45 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from metalight.checkpoint_io import ensure_writable
 from metalight.checkpoints import load_checkpoint, resolve_checkpoint
 from metalight.config import validate_config
+from metalight.errors import MetalightError
 from metalight.sweep_summary import record_results, run_results
 
 log = logging.getLogger(__name__)
+
+
+def _instantiate(node: DictConfig, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate, letting our own errors from a constructor through unwrapped (one clear line)."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, MetalightError):
+            raise error.__cause__ from None
+        raise
 
 
 def _instantiate_group(group: DictConfig | None) -> list[Any]:
     """Build every `_target_` entry of a callbacks/logger group (a dict of named configs)."""
     if not group:
         return []
-    return [instantiate(entry) for entry in group.values() if entry is not None and "_target_" in entry]
+    return [_instantiate(entry) for entry in group.values() if entry is not None and "_target_" in entry]
 
 
 def build(cfg: DictConfig) -> dict[str, Any]:
     """Instantiate datamodule, model, algorithm, callbacks, loggers and trainer from a composed config."""
     validate_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data)
-    algorithm = instantiate(cfg.algo, model=instantiate(cfg.model))
+    datamodule = _instantiate(cfg.data)
+    algorithm = _instantiate(cfg.algo, model=_instantiate(cfg.model))
     callbacks = _instantiate_group(cfg.get("callbacks"))
     loggers = _instantiate_group(cfg.get("logger"))
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer = _instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     return {"cfg": cfg, "datamodule": datamodule, "algorithm": algorithm, "trainer": trainer}
 
 
