@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import lightning.pytorch as pl
-import pytest
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
@@ -32,15 +31,6 @@ def tiny_conv4(n_way: int = 3, size: int = 8, hidden: int = 4, dtype: torch.dtyp
     """MAML's strided Conv4 with a few channels: small enough for float64 checks in milliseconds."""
     torch.manual_seed(seed)
     return Conv4(1, n_way, hidden=hidden, image_size=size, pool=False, **kwargs).to(dtype)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Autouse where imported: the machine's cores are shared, and extra threads only slow small ops down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _rank_and_world() -> tuple[int, int]:

@@ -64,3 +64,14 @@ def compose_train(data_dir: Path, cache_dir: Path, tmp_path: Path):
 
     yield _compose
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread: the cores are shared, and extra threads only slow small ops down."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

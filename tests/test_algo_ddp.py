@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from algo_tasks import EvalTasks, TrainStream, loader, make_trainer, one_thread, tiny_conv4  # noqa: F401 (one_thread: autouse fixture)
+from algo_tasks import EvalTasks, TrainStream, loader, make_trainer, tiny_conv4
 
 from metalight.algorithms import MAML, Reptile
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # float64: the conv biases feed BatchNorms, so their gradients are rounding noise that Adam (Reptile's
 # inner optimizer) scales up to full steps; in float32 that noise differs with the order of the cross-rank sum

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from algo_tasks import make_batch, one_thread, tiny_conv4  # noqa: F401 (one_thread: autouse fixture)
+from algo_tasks import make_batch, tiny_conv4
 from torch import Tensor, nn
 
 from metalight.algorithms.functional import (
@@ -20,6 +20,8 @@ from metalight.algorithms.functional import (
     split_state,
 )
 from metalight.errors import ConfigError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 F64 = torch.float64
 

@@ -8,12 +8,14 @@ import math
 
 import pytest
 import torch
-from algo_tasks import EvalTasks, TrainStream, loader, make_batch, make_trainer, one_thread, tiny_conv4  # noqa: F401 (one_thread: autouse fixture)
+from algo_tasks import EvalTasks, TrainStream, loader, make_batch, make_trainer, tiny_conv4
 from test_algo_functional import reference_maml_gradient
 
 from metalight.algorithms import MAML, NonFiniteMetaStepError
 from metalight.algorithms.functional import InnerLoop, make_task_fn, run_tasks, split_state
 from metalight.errors import ConfigError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 F64 = torch.float64
 SGD1 = functools.partial(torch.optim.SGD, lr=1.0)

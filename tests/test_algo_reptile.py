@@ -8,13 +8,15 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from algo_tasks import EvalTasks, TrainStream, loader, make_batch, make_trainer, one_thread, tiny_conv4  # noqa: F401 (one_thread: autouse fixture)
+from algo_tasks import EvalTasks, TrainStream, loader, make_batch, make_trainer, tiny_conv4
 from omegaconf import OmegaConf
 
 from metalight.algorithms import Reptile
 from metalight.algorithms.functional import minibatch_indices
 from metalight.algorithms.reptile import task_generator
 from metalight.errors import ConfigError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 F64 = torch.float64
 

@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from algo_tasks import one_thread  # noqa: F401 (autouse fixture)
 
 from metalight.errors import ConfigError
 from metalight.models import Conv4
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,8 @@ from metalight.data.episodes import EvalTaskSampler, TrainTaskSampler
 from metalight.errors import ConfigError
 from metalight.preemption import LastCheckpoint, StepSeed, step_seed
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parents[1]
 BATCHES_PER_EPOCH = 3
 
@@ -105,14 +107,6 @@ def _fit(out: Path, max_steps: int, ckpt_path=None, extra=(), every_n_steps=1):
     )
     trainer.fit(learner, datamodule=_Stream(), ckpt_path=ckpt_path, weights_only=True)
     return torch.cat([p.detach().flatten() for p in learner.parameters()]), trainer
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("step", [2, BATCHES_PER_EPOCH])  # mid-epoch, and at an epoch end (after validation)

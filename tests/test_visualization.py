@@ -4,12 +4,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from algo_tasks import make_batch, one_thread, tiny_conv4  # noqa: F401 (one_thread: autouse fixture)
+from algo_tasks import make_batch, tiny_conv4
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from metalight.algorithms import MAML, Reptile
 from metalight.training import train
 from metalight.visualization import RIGHT, SUPPORT, WRONG, inner_step_accuracy, query_predictions, read_scalars, task_grid
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_training_run_logs_the_validation_task_image(compose_train, tmp_path: Path) -> None:
