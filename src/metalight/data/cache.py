@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from metalight.checkpoint_io import write_text_atomically
 from metalight.errors import DataError
 
 FORMAT_VERSION = 1
@@ -47,13 +48,6 @@ def load_cache(cache_dir: Path, name: str, key: dict) -> tuple[np.ndarray, dict]
     return array, meta.get("info", {})
 
 
-def _replace_text(path: Path, text: str) -> None:
-    """Write a text file atomically (temporary file in the same folder, then os.replace)."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_cache(
     cache_dir: Path,
     name: str,
@@ -81,7 +75,7 @@ def write_cache(
     finally:
         tmp.unlink(missing_ok=True)
     meta = {"key": _normalized(key), "shape": list(shape), "info": info or {}}
-    _replace_text(cache_dir / f"{name}.json", json.dumps(meta))
+    write_text_atomically(cache_dir / f"{name}.json", json.dumps(meta))
     return np.load(target, mmap_mode="r"), meta["info"]
 
 
