@@ -153,7 +153,7 @@ def test_vmap_and_loop_agree(first_order, dtype):
         grads_l = torch.autograd.grad(loss_l, list(model.parameters()))
         assert_close_lists(list(grads_v), list(grads_l), rtol=0, atol=1e-10)
         params, fixed = split_state(model)
-        outcome, grads = loop_meta_gradient(make_task_fn(model, fixed, loop, "loop"), params, batch)
+        outcome, grads, _ = loop_meta_gradient(make_task_fn(model, fixed, loop, "loop"), params, batch)
         torch.testing.assert_close(outcome.loss, out_l.loss.detach())
         assert_close_lists(list(grads.values()), list(grads_l), rtol=0, atol=1e-10)
 

@@ -26,7 +26,6 @@ from torch import Tensor
 from torchvision.utils import make_grid
 
 from metalight.algorithms.base import EpisodicModule
-from metalight.algorithms.functional import query_logits, split_state
 
 Task = dict[str, Tensor]
 
@@ -38,6 +37,11 @@ LEGEND = (
     "Validation task 0, one row per class (the row number is the label): support images (blue frame), a gap, "
     "query images. Query frames, outer: prediction of the meta-parameters (before adaptation), inner: after "
     "adaptation; green right, red wrong."
+)
+LEGEND_NO_ADAPTATION = (
+    "Validation task 0, one row per class (the row number is the label): support images (blue frame), a gap, "
+    "query images. Inner query frame: the learner's prediction (it does not adapt: the outer frame stays grey); "
+    "green right, red wrong."
 )
 
 
@@ -121,28 +125,16 @@ def show_task(
     ax.set_title(title)
 
 
-def query_predictions(algorithm: EpisodicModule, batch: Task, stream: str = "val", task_ids: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
-    """Predicted query labels [B, N*Q] before and after adapting each task of `batch` with the evaluation inner loop.
+def query_predictions(algorithm: EpisodicModule, batch: Task, stream: str = "val", task_ids: Sequence[int] | None = None) -> tuple[Tensor | None, Tensor]:
+    """Predicted query labels [B, N*Q] before (None for a learner without inner loop) and after adapting each task of `batch`.
 
-    The adaptation is the one validation/test run (same inner loop, same minibatches for the task numbers
-    `task_ids` of `stream`, default 0..B-1), so the accuracy of `after` is the task's reported accuracy.
-    The batch holds normalized images on the algorithm's device (after the datamodule's transfer).
+    The tasks are scored by the algorithm's own evaluation (same inner loop, same minibatches for the
+    task numbers `task_ids` of `stream`, default 0..B-1), so the accuracy of `after` is the task's
+    reported accuracy. The batch holds normalized images on the algorithm's device.
     """
-    loop = algorithm.eval_loop
     task_ids = list(range(batch["support_x"].shape[0])) if task_ids is None else list(task_ids)
-    trainable, fixed = split_state(algorithm.model)
-    params = {k: v.detach() for k, v in trainable.items()}
-    indices = algorithm.task_indices(batch, loop, stream, task_ids)
-    with torch.enable_grad():
-        adapted = algorithm.adapt(batch, loop, params, indices, record="none", return_params=True).params
-    before, after = [], []
-    with torch.no_grad():
-        for i in range(len(task_ids)):
-            support_x, query_x = batch["support_x"][i], batch["query_x"][i]
-            before.append(query_logits(algorithm.model, params, fixed, support_x, query_x, algorithm.transductive).argmax(-1))
-            mine = {k: v[i] for k, v in adapted.items()}
-            after.append(query_logits(algorithm.model, mine, fixed, support_x, query_x, algorithm.transductive).argmax(-1))
-    return torch.stack(before), torch.stack(after)
+    predicted = algorithm.evaluate_tasks(batch, stream, task_ids, keep_logits=True).logits.argmax(-1)
+    return (predicted[:, 0] if algorithm.adapts else None), predicted[:, -1]
 
 
 def _tensorboard(trainer: pl.Trainer) -> Any:
@@ -179,13 +171,16 @@ class ValidationTaskImage(Callback):
         before, after = query_predictions(pl_module, task, stream="val", task_ids=[0])
         datamodule = trainer.datamodule
         single = {k: v[0] for k, v in task.items()}
-        image = task_grid(single, datamodule.mean, datamodule.std, before[0], after[0])
+        image = task_grid(single, datamodule.mean, datamodule.std, None if before is None else before[0], after[0])
         # the step Lightning logs the val/* scalars at (its own LearningRateMonitor reads the same counter)
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
         writer.add_image("val_task/episode", image, global_step=step)
         query_y = single["query_y"]
-        scores = [float((p[0] == query_y).float().mean()) for p in (before, after)]
-        summary = f"{LEGEND}\n\nQuery accuracy before adaptation {scores[0]:.3f}, after {scores[1]:.3f}."
+        after_score = float((after[0] == query_y).float().mean())
+        if before is None:
+            summary = f"{LEGEND_NO_ADAPTATION}\n\nQuery accuracy {after_score:.3f}."
+        else:
+            summary = f"{LEGEND}\n\nQuery accuracy before adaptation {float((before[0] == query_y).float().mean()):.3f}, after {after_score:.3f}."
         writer.add_text("val_task/legend", summary, global_step=step)
 
 

@@ -1,14 +1,17 @@
 """EpisodicModule: the LightningModule every meta-learner shares (outer step, evaluation, metrics, logging).
 
-A subclass says how one meta-batch turns into meta-gradients (`compute_meta_gradient`) and which
-inner loops it adapts with (`train_loop`, `eval_loop`); this class owns the rest:
+A subclass says how one meta-batch turns into meta-gradients (`compute_meta_gradient`) and, for
+learners that adapt by gradient steps, which inner loops it uses (`train_loop`, `eval_loop`) and with
+which options (`inner_options`: adapted weights, learned step sizes, ...). A learner without an inner
+loop (ProtoNets) overrides `evaluate_tasks` instead. This class owns the rest:
 
 * the outer step under manual optimization: non-finite meta-losses or meta-gradients skip the step
   with a warning, `max_nonfinite_steps` in a row abort the run; optional gradient-norm clipping;
   LR scheduler stepped once per outer step;
-* validation/test: adapt from the meta-parameters on each task's support set with gradients on
-  (the Trainer must run with inference_mode=False), score the query set at every inner step, sum
-  over tasks locally and reduce the sums across ranks once per epoch;
+* validation/test: `evaluate_tasks` scores each task's query set (for an inner-loop learner: adapt from
+  the meta-parameters on the support set with gradients on, the Trainer running with
+  inference_mode=False, and score after every inner step), sums over tasks locally and reduces the
+  sums across ranks once per epoch;
 * the train/*, val/*, test/* metrics and `test_results` for eval.py.
 """
 
@@ -33,6 +36,16 @@ SchedulerFactory = Callable[..., Any]
 
 class NonFiniteMetaStepError(MetalightError):
     """Too many meta-steps in a row had a non-finite meta-loss or meta-gradient."""
+
+
+def require_features_and_head(model: nn.Module, algorithm: str) -> None:
+    """ConfigError unless `model` has a separable head: `features` (images -> embeddings) and `head` modules."""
+    if not all(isinstance(getattr(model, part, None), nn.Module) for part in ("features", "head")):
+        raise ConfigError(
+            f"{algorithm} needs a model with a separable head (a `features` module mapping images to embeddings and a "
+            f"`head` module, forward = head(features(x))), but {type(model).__name__} has none: use model=conv4, "
+            "conv4_strided or conv4_mini, or give your network those two submodules."
+        )
 
 
 def _mean_and_ci95(total: float, total_sq: float, n: int) -> tuple[float, float]:
@@ -74,19 +87,30 @@ class EpisodicModule(pl.LightningModule):
         self.nonfinite_streak = 0
         self.nonfinite_total = 0
         self.test_results: dict[str, Any] = {}
+        # eval.py's checkpoint ensembling: the last step's query logits of every test task, in task order
+        self.keep_test_logits = False
+        self.test_logits: list[Tensor] = []
         self._eval_sums: Tensor | None = None
         self._eval_seen = 0
         self._last_step_start: float | None = None
 
     # ---- what a subclass provides -------------------------------------------------------------
     # the inner loop used while meta-training, and the one of validation and test (never builds a
-    # graph through its steps); each subclass sets both in its __init__
-    train_loop: InnerLoop
-    eval_loop: InnerLoop
+    # graph through its steps); a learner that adapts sets both in its __init__, one without an inner
+    # loop leaves them None
+    train_loop: InnerLoop | None = None
+    eval_loop: InnerLoop | None = None
 
     def compute_meta_gradient(self, batch: dict[str, Tensor], measure: bool) -> TaskOutcome:
         """Leave the meta-gradient (synced across ranks) in .grad; with measure, score the query set before and after."""
         raise NotImplementedError
+
+    def inner_options(self, training: bool) -> dict[str, Any]:
+        """Options of make_task_fn this learner adapts with (adapted weights, learned step sizes, ...); none by default.
+
+        training: for a meta-training step (learned tensors keep their graph) or for evaluation (detached).
+        """
+        return {}
 
     def default_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         """The outer optimizer when the config names none."""
@@ -101,20 +125,39 @@ class EpisodicModule(pl.LightningModule):
         return None
 
     # ---- shared machinery ---------------------------------------------------------------------
+    @property
+    def adapts(self) -> bool:
+        """Whether this learner adapts with an inner loop (its evaluation then has per-step accuracies)."""
+        return self.eval_loop is not None
+
     def path(self) -> TaskPath:
         """vmap or loop for this module's device and model (see functional.resolve_task_parallel)."""
         return resolve_task_parallel(self.task_parallel, self.device, self.model)
 
-    def adapt(self, batch: dict[str, Tensor], loop: InnerLoop, params: dict[str, Tensor], indices: Tensor | None, **options: Any) -> TaskOutcome:
-        """Adapt every task of `batch` from `params` with `loop`; options go to make_task_fn."""
+    def adapt(
+        self, batch: dict[str, Tensor], loop: InnerLoop, params: dict[str, Tensor], indices: Tensor | None, training: bool = False, **options: Any
+    ) -> TaskOutcome:
+        """Adapt every task of `batch` from `params` with `loop` and this learner's inner_options; options go to make_task_fn."""
         _, fixed = split_state(self.model)
         path = self.path()
-        task_fn = make_task_fn(self.model, fixed, loop, path, **options)
+        task_fn = make_task_fn(self.model, fixed, loop, path, **self.inner_options(training), **options)
         return run_tasks(task_fn, params, batch, indices, path, second_order=not loop.first_order)
 
+    def evaluate_tasks(self, batch: dict[str, Tensor], stream: str, task_ids: list[int], keep_logits: bool = False) -> TaskOutcome:
+        """Score the query sets of a batch of val/test tasks: accs [B, P] (P = eval_loop.steps + 1, step 0 = before adaptation).
+
+        The tasks are adapted from the meta-parameters with the evaluation loop, exactly as validation
+        and test do; task_ids number them within `stream` (they seed Reptile's minibatches).
+        keep_logits: also return the query logits at every step, [B, P, N*Q, N].
+        """
+        indices = self.task_indices(batch, self.eval_loop, stream, task_ids)
+        params = {k: v.detach() for k, v in split_state(self.model)[0].items()}
+        with torch.enable_grad():
+            return self.adapt(batch, self.eval_loop, params, indices, record="every_step", transductive=self.transductive, keep_logits=keep_logits)
+
     def configure_optimizers(self) -> Any:
-        """The outer optimizer over the trainable parameters, with its scheduler stepped per meta-step."""
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        """The outer optimizer over the trainable parameters (learned step sizes too), with its scheduler stepped per meta-step."""
+        params = [p for p in self.parameters() if p.requires_grad]
         optimizer = self.optimizer_factory(params) if self.optimizer_factory is not None else self.default_optimizer(params)
         scheduler = self.build_scheduler(optimizer)
         if scheduler is None:
@@ -142,7 +185,7 @@ class EpisodicModule(pl.LightningModule):
             local += [outcome.accs[:, -1].mean(), outcome.accs[:, 0].mean()]
         reduced = self.trainer.strategy.reduce(torch.stack(local).float(), reduce_op="mean")
         loss = reduced[0]
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
         grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else loss.new_zeros(())
         if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
             self._skip_step(float(loss), float(grad_norm))
@@ -156,19 +199,17 @@ class EpisodicModule(pl.LightningModule):
                 scheduler.step()
 
         batch_size = batch["support_x"].shape[0]
-        metrics = {
-            "train/grad_norm": grad_norm,
-            "train/inner_lr": float(self.train_loop.lr),
-            "train/outer_lr": outer_lr,
-            "train/nonfinite_steps": float(self.nonfinite_total),
-        }
+        metrics = {"train/grad_norm": grad_norm, "train/outer_lr": outer_lr, "train/nonfinite_steps": float(self.nonfinite_total)}
+        if self.train_loop is not None:
+            metrics["train/inner_lr"] = float(self.train_loop.lr)
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=batch_size)
         if self._last_step_start is not None:  # throughput between consecutive step starts (data time included)
             tasks_per_s = batch_size * self.world_size / max(start - self._last_step_start, 1e-9)
             self.log("train/tasks_per_s", tasks_per_s, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
         self._last_step_start = start
         if measure:
-            self.log("train/acc_before", reduced[2], on_step=True, on_epoch=False, batch_size=batch_size)
+            if self.adapts:
+                self.log("train/acc_before", reduced[2], on_step=True, on_epoch=False, batch_size=batch_size)
             self.log_dict({"train/loss": loss, "train/acc": reduced[1]}, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
 
     def _logging_this_step(self) -> bool:
@@ -199,9 +240,11 @@ class EpisodicModule(pl.LightningModule):
 
     # ---- evaluation ---------------------------------------------------------------------------
     def _start_eval(self) -> None:
-        """Zero the per-epoch sums: count, acc, acc^2, loss, acc_before^2, then acc at each inner step."""
-        self._eval_sums = torch.zeros(5 + self.eval_loop.steps + 1, dtype=torch.float64, device=self.device)
+        """Zero the per-epoch sums: count, acc, acc^2, loss, acc_before^2, then acc at each inner step (or once)."""
+        points = self.eval_loop.steps + 1 if self.adapts else 1
+        self._eval_sums = torch.zeros(5 + points, dtype=torch.float64, device=self.device)
         self._eval_seen = 0
+        self.test_logits = []
 
     def _eval_step(self, batch: dict[str, Tensor], stream: str) -> None:
         """Adapt every task of the batch from the meta-parameters, score the query set at each step, add to the sums."""
@@ -212,14 +255,13 @@ class EpisodicModule(pl.LightningModule):
             )
         if self._eval_sums is None:
             self._start_eval()
-        loop = self.eval_loop
         # eval tasks are dealt round-robin (rank r holds tasks r, r+W, ...): number them globally
         n_tasks = batch["support_x"].shape[0]
         task_ids = [(self._eval_seen + j) * self.world_size + self.global_rank for j in range(n_tasks)]
-        indices = self.task_indices(batch, loop, stream, task_ids)
-        params = {k: v.detach() for k, v in split_state(self.model)[0].items()}
-        with torch.enable_grad():
-            outcome = self.adapt(batch, loop, params, indices, record="every_step", transductive=self.transductive)
+        keep = stream == "test" and self.keep_test_logits
+        outcome = self.evaluate_tasks(batch, stream, task_ids, keep_logits=keep)
+        if keep:
+            self.test_logits.append(outcome.logits[:, -1].detach().cpu())
         accs = outcome.accs.detach().double()
         final, before = accs[:, -1], accs[:, 0]
         head = torch.stack([final.new_tensor(float(len(final))), final.sum(), (final**2).sum(), outcome.loss.detach().double().sum(), (before**2).sum()])
@@ -236,19 +278,12 @@ class EpisodicModule(pl.LightningModule):
         if n == 0:
             return {}
         acc, acc_ci95 = _mean_and_ci95(sums[1], sums[2], n)
-        acc_steps = [s / n for s in sums[5:]]
-        acc_before, acc_before_ci95 = _mean_and_ci95(sums[5], sums[4], n)
-        results = {
-            "acc": acc,
-            "acc_ci95": acc_ci95,
-            "acc_before": acc_before,
-            "acc_before_ci95": acc_before_ci95,
-            "loss": sums[3] / n,
-            "n_tasks": n,
-            "acc_steps": acc_steps,
-        }
+        results: dict[str, Any] = {"acc": acc, "acc_ci95": acc_ci95, "loss": sums[3] / n, "n_tasks": n}
+        if self.adapts:
+            acc_before, acc_before_ci95 = _mean_and_ci95(sums[5], sums[4], n)
+            results |= {"acc_before": acc_before, "acc_before_ci95": acc_before_ci95, "acc_steps": [s / n for s in sums[5:]]}
         logged = {f"{stage}/{k}": v for k, v in results.items() if k not in ("acc", "n_tasks", "acc_steps")}
-        logged.update({f"{stage}/acc_step{k}": v for k, v in enumerate(acc_steps)})
+        logged.update({f"{stage}/acc_step{k}": v for k, v in enumerate(results.get("acc_steps", []))})
         # identical on every rank already (reduced above); sync_dist averages equal values, so it only
         # keeps Lightning from warning about unsynced epoch-level metrics under DDP
         self.log_dict(logged, sync_dist=True)
@@ -276,7 +311,7 @@ class EpisodicModule(pl.LightningModule):
         self._eval_step(batch, "test")
 
     def on_test_epoch_end(self) -> None:
-        """Log test/* and keep them in `test_results` (acc, acc_ci95, acc_before, loss, n_tasks, acc_steps)."""
+        """Log test/* and keep them in `test_results` (acc, acc_ci95, loss, n_tasks; acc_before, acc_steps when it adapts)."""
         self.test_results = self._finish_eval("test")
 
     # ---- checkpoint ---------------------------------------------------------------------------

@@ -12,7 +12,7 @@ as soon as it is adapted, so that only one task's graph is ever held in memory.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -22,12 +22,14 @@ from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
 from metalight.errors import ConfigError
+from metalight.models.step_norm import inner_step, recording_batch_statistics
 
 Params = dict[str, Tensor]
 TaskPath = Literal["vmap", "loop"]
 TASK_PARALLEL = ("auto", "vmap", "loop")
 INNER_OPTIMIZERS = ("sgd", "adam")
 RECORD = ("every_step", "ends", "last", "none")
+LEARNED_LR = (None, "per_parameter", "per_step")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +48,9 @@ class InnerLoop:
     betas: tuple[float, float] = (0.0, 0.999)
     eps: float = 1e-8
     first_order: bool = True
+    # learned step sizes given to make_task_fn: None (lr), "per_parameter" (one tensor shaped like each
+    # weight: Meta-SGD) or "per_step" (one vector with an entry per inner step for each weight: MAML++ LSLR)
+    learned_lr: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
@@ -56,14 +61,20 @@ class InnerLoop:
             raise ConfigError(f"inner_optimizer={self.optimizer!r} is not known: use one of {INNER_OPTIMIZERS}.")
         if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
             raise ConfigError(f"inner batch size {self.batch_size!r} is not valid: use a whole number >= 1 or null.")
+        if self.learned_lr not in LEARNED_LR:
+            raise ConfigError(f"learned_lr={self.learned_lr!r} is not known: use one of {LEARNED_LR}.")
+        if self.learned_lr is not None and self.optimizer != "sgd":
+            raise ConfigError(f"learned step sizes scale SGD steps: inner_optimizer={self.optimizer!r} cannot use them; use sgd.")
 
 
 class TaskOutcome(NamedTuple):
     """What adapting one task (or, stacked, a meta-batch) gives back."""
 
-    loss: Tensor  # query cross-entropy at the adapted weights ([] per task, [B] stacked)
+    loss: Tensor  # query cross-entropy at the adapted weights ([] per task, [B] stacked); MSL: the weighted sum
     accs: Tensor  # query accuracy at each recorded step, in step order (the last step last)
     params: Params  # adapted weights (empty unless asked for)
+    logits: Tensor  # query logits at each recorded step [P, N*Q, N] (empty unless keep_logits)
+    batch_statistics: tuple[Tensor, ...] = ()  # per-step BatchNorm [mean; var] in call order (MAML++ BNRS)
 
 
 def split_state(module: nn.Module) -> tuple[Params, Params]:
@@ -112,21 +123,21 @@ def accuracy(logits: Tensor, y: Tensor) -> Tensor:
     return (logits.argmax(dim=-1) == y).to(logits.dtype).mean()
 
 
-def _autograd_grads(loss_fn: Callable[[Params], Tensor], params: Params, create_graph: bool) -> Params:
-    """Gradient of loss_fn at params by torch.autograd.grad (the loop path)."""
+def _autograd_grads(loss_fn: Callable[[Params], tuple[Tensor, Any]], params: Params, create_graph: bool) -> tuple[Params, Any]:
+    """Gradient of loss_fn at params by torch.autograd.grad (the loop path), and loss_fn's auxiliary output."""
     if not create_graph:
         params = {k: v.detach().requires_grad_() for k, v in params.items()}
     with torch.enable_grad():
-        loss = loss_fn(params)
+        loss, aux = loss_fn(params)
         grads = torch.autograd.grad(loss, tuple(params.values()), create_graph=create_graph, materialize_grads=True)
-    return dict(zip(params, grads))
+    return dict(zip(params, grads)), aux
 
 
-def _func_grads(loss_fn: Callable[[Params], Tensor], params: Params, create_graph: bool) -> Params:
-    """Gradient of loss_fn at params by torch.func.grad (composes with vmap; differentiable when create_graph)."""
+def _func_grads(loss_fn: Callable[[Params], tuple[Tensor, Any]], params: Params, create_graph: bool) -> tuple[Params, Any]:
+    """Gradient of loss_fn at params by torch.func.grad (composes with vmap; differentiable when create_graph), and its aux."""
     if not create_graph:
         params = {k: v.detach() for k, v in params.items()}
-    return torch.func.grad(loss_fn)(params)
+    return torch.func.grad(loss_fn, has_aux=True)(params)
 
 
 def _batch_norm(
@@ -188,10 +199,19 @@ def _init_state(params: Params, loop: InnerLoop) -> dict[str, Params]:
     return {"m": {k: torch.zeros_like(v) for k, v in params.items()}, "v": {k: torch.zeros_like(v) for k, v in params.items()}}
 
 
-def _update(params: Params, grads: Params, state: dict[str, Params], step: int, loop: InnerLoop) -> Params:
+def _step_size(loop: InnerLoop, step_sizes: Params, name: str, step: int) -> Tensor | float:
+    """The SGD step size of weight `name` at inner step `step` (from 1): loop.lr, or a learned one."""
+    if loop.learned_lr == "per_parameter":
+        return step_sizes[name]
+    if loop.learned_lr == "per_step":
+        return step_sizes[name][step - 1]
+    return loop.lr
+
+
+def _update(params: Params, grads: Params, state: dict[str, Params], step: int, loop: InnerLoop, step_sizes: Params) -> Params:
     """One inner SGD or Adam step on the weight dict (state is updated in place; step counts from 1)."""
     if loop.optimizer == "sgd":
-        return {k: p - loop.lr * grads[k] for k, p in params.items()}
+        return {k: p - _step_size(loop, step_sizes, k, step) * grads[k] for k, p in params.items()}
     beta1, beta2 = loop.betas
     step_size = loop.lr / (1 - beta1**step)
     root_correction = (1 - beta2**step) ** 0.5
@@ -217,20 +237,10 @@ def _channels_last(tensor: Tensor) -> Tensor:
     return tensor.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
 
 
-def query_logits(model: nn.Module, params: Params, fixed: Params, support_x: Tensor, query_x: Tensor, transductive: bool) -> Tensor:
-    """Query logits of one task with weights `params`, the way evaluation scores them.
-
-    transductive: the query set is one batch (BatchNorm sees all of it); otherwise each query example is
-    scored in a batch made of the support set and that example alone.
-    """
-    if transductive:
-        return functional_call(model, (params, fixed), (query_x,))
-
-    def one(example: Tensor) -> Tensor:
-        batch = torch.cat([support_x, example.unsqueeze(0)])
-        return functional_call(model, (params, fixed), (batch,))[-1]
-
-    return torch.vmap(one)(query_x)
+def _prefixed(params: Params, prefix: str) -> Params:
+    """The entries of `params` under submodule `prefix`, with the prefix removed."""
+    cut = len(prefix) + 1
+    return {k[cut:]: v for k, v in params.items() if k.startswith(prefix + ".")}
 
 
 def make_task_fn(
@@ -242,6 +252,12 @@ def make_task_fn(
     record: str = "ends",
     transductive: bool = True,
     return_params: bool = False,
+    keep_logits: bool = False,
+    adapted: Collection[str] | None = None,
+    body: str | None = None,
+    step_sizes: Params | None = None,
+    loss_weights: Sequence[float] | None = None,
+    statistics_plan: list[tuple[nn.Module, int]] | None = None,
 ) -> Callable[..., TaskOutcome]:
     """The function (params, support_x, support_y, query_x, query_y, indices) -> TaskOutcome of one task.
 
@@ -250,56 +266,136 @@ def make_task_fn(
     ("ends"), at the last step only ("last"), or not at all ("none": loss 0, no accuracies; for
     training steps whose metrics nobody logs). transductive=False scores each query example alone,
     in a batch made of the support set and that one example, so BatchNorm never sees two of them.
+
+    What the algorithms vary:
+    * adapted: the names of the weights the inner loop changes (default: every one in `params`);
+      the others stay at their meta-values but still receive meta-gradients (MAML++'s BatchNorm).
+    * body: a submodule (model.<body>, then model.head) run once per task ahead of the inner loop,
+      which then adapts only the head on the body's embeddings (ANIL: body="features").
+    * step_sizes: the learned step sizes of loop.learned_lr, keyed by weight name (Meta-SGD, LSLR).
+    * loss_weights: the multi-step loss (MAML++ MSL): the query loss after inner step j weighted by
+      loss_weights[j - 1], summed, instead of the last step's loss alone.
+    * statistics_plan: a list to fill with the (layer, step) of each StepBatchNorm2d forward whose batch
+      statistics the outcome returns, in the same order (MAML++ BNRS); None: record nothing.
+    Forwards run inside `inner_step(k)`: the support set at step k, the query set after n steps at
+    max(n - 1, 0), as in the MAML++ authors' code.
     """
     if record not in RECORD:
         raise ValueError(f"record={record!r}: use one of {RECORD}")
     grads_of = _func_grads if path == "vmap" else _autograd_grads
     layout = _channels_last if path == "loop" else (lambda tensor: tensor)
     create_graph = not loop.first_order
+    step_sizes = step_sizes or {}
+    if loss_weights is not None and len(loss_weights) != loop.steps:
+        raise ValueError(f"{len(loss_weights)} loss weights for {loop.steps} inner steps")
 
-    def logits_of(params: Params, support_x: Tensor, query_x: Tensor) -> Tensor:
-        return query_logits(model, params, fixed, support_x, query_x, transductive)
+    def encode(params: Params, x: Tensor) -> Tensor:
+        if body is None:
+            return x
+        return functional_call(getattr(model, body), (_prefixed(params, body), _prefixed(fixed, body)), (x,))
+
+    def classify(params: Params, z: Tensor, step: int) -> Tensor:
+        with inner_step(step):
+            if body is None:
+                return functional_call(model, (params, fixed), (z,))
+            return functional_call(model.head, (_prefixed(params, "head"), _prefixed(fixed, "head")), (z,))
 
     def run(params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, indices: Tensor | None) -> TaskOutcome:
-        state = _init_state(params, loop)
-        accs = []
-        for step in range(loop.steps):
-            if record == "every_step" or (record == "ends" and step == 0):
-                with torch.no_grad():
-                    accs.append(accuracy(logits_of(params, support_x, query_x), query_y))
-            x, y = (support_x, support_y) if indices is None else (support_x[indices[step]], support_y[indices[step]])
-            grads = grads_of(lambda p: task_loss(model, p, fixed, x, y), params, create_graph)
-            # w - lr * g loses the channels-last layout of 1-channel conv weights: restore it
-            params = {k: layout(v) for k, v in _update(params, grads, state, step + 1, loop).items()}
-        kept = params if return_params else {}
+        fast = {k: v for k, v in params.items() if adapted is None or k in adapted}
+        z_support = encode(params, support_x)
+        z_query = encode(params, query_x) if transductive else None
+
+        def scored(weights: Params, updates: int) -> Tensor:
+            """Query logits after `updates` inner steps."""
+            merged, step = {**params, **weights}, max(updates - 1, 0)
+            if transductive:
+                return classify(merged, z_query, step)
+
+            def alone(example: Tensor) -> Tensor:
+                return classify(merged, encode(merged, torch.cat([support_x, example.unsqueeze(0)])), step)[-1]
+
+            return torch.vmap(alone)(query_x)
+
+        state = _init_state(fast, loop)
+        accs, kept, weighted = [], [], []
+        with recording_batch_statistics() as records:
+            for step in range(loop.steps):
+                if record == "every_step" or (record == "ends" and step == 0):
+                    with torch.no_grad(), recording_batch_statistics():  # a measurement: its statistics are dropped
+                        logits = scored(fast, step)
+                    accs.append(accuracy(logits, query_y))
+                    kept.append(logits)
+                rows = slice(None) if indices is None else indices[step]
+                x, y = z_support[rows], support_y[rows]
+                plan: list[tuple[nn.Module, int]] = []
+
+                def support_loss(weights: Params) -> tuple[Tensor, tuple[Tensor, ...]]:
+                    # batch statistics leave torch.func.grad as its aux output (a tensor kept in a list would escape it)
+                    with recording_batch_statistics() as inner:
+                        loss = F.cross_entropy(classify({**params, **weights}, x, step), y)
+                    plan[:] = [(layer, row) for layer, row, _ in inner]
+                    return loss, tuple(stats for *_, stats in inner)
+
+                grads, support_statistics = grads_of(support_loss, fast, create_graph)
+                records.extend((layer, row, stats) for (layer, row), stats in zip(plan, support_statistics))
+                # w - lr * g loses the channels-last layout of 1-channel conv weights: restore it
+                fast = {k: layout(v) for k, v in _update(fast, grads, state, step + 1, loop, step_sizes).items()}
+                if loss_weights is not None and step < loop.steps - 1:
+                    weighted.append(loss_weights[step] * F.cross_entropy(scored(fast, step + 1), query_y))
+            if record != "none":
+                logits = scored(fast, loop.steps)
+        statistics: tuple[Tensor, ...] = ()
+        if statistics_plan is not None:
+            statistics_plan[:] = [(layer, step) for layer, step, _ in records]
+            statistics = tuple(stats for *_, stats in records)
+        weights_out = {**params, **fast} if return_params else {}
         if record == "none":
-            return TaskOutcome(support_x.new_zeros(()), support_x.new_zeros(0), kept)
-        logits = logits_of(params, support_x, query_x)
+            return TaskOutcome(support_x.new_zeros(()), support_x.new_zeros(0), weights_out, support_x.new_zeros(0), statistics)
         accs.append(accuracy(logits.detach(), query_y))
-        return TaskOutcome(F.cross_entropy(logits, query_y), torch.stack(accs), kept)
+        kept.append(logits.detach())
+        loss = F.cross_entropy(logits, query_y)
+        if loss_weights is not None:
+            loss = sum(weighted, loss_weights[-1] * loss)
+        return TaskOutcome(loss, torch.stack(accs), weights_out, torch.stack(kept) if keep_logits else support_x.new_zeros(0), statistics)
 
     return run
 
 
-def loop_meta_gradient(task_fn: Callable[..., TaskOutcome], params: Params, batch: dict[str, Tensor]) -> tuple[TaskOutcome, Params]:
-    """The loop path's gradient of the mean query loss w.r.t. params, each task differentiated right after it is adapted.
+def stack_outcomes(outcomes: Sequence[TaskOutcome]) -> TaskOutcome:
+    """The outcomes of single tasks stacked on a new leading task dimension, as vmap returns them."""
+    first = outcomes[0]
+    return TaskOutcome(
+        torch.stack([o.loss for o in outcomes]),
+        torch.stack([o.accs for o in outcomes]),
+        {k: torch.stack([o.params[k] for o in outcomes]) for k in first.params},
+        torch.stack([o.logits for o in outcomes]),
+        tuple(torch.stack(column) for column in zip(*(o.batch_statistics for o in outcomes))),
+    )
 
-    Only one task's graph is alive at a time, so peak memory is that of one task rather than of the
-    meta-batch, and each backward pass works on data still in cache.
+
+def loop_meta_gradient(
+    task_fn: Callable[..., TaskOutcome], params: Params, batch: dict[str, Tensor], extra: Params | None = None
+) -> tuple[TaskOutcome, Params, Params]:
+    """The loop path's gradient of the mean query loss w.r.t. params (and `extra`, e.g. learned step sizes), task by task.
+
+    Each task is differentiated right after it is adapted, so only one task's graph is alive at a time:
+    peak memory is that of one task rather than of the meta-batch, and each backward pass works on data
+    still in cache. `extra` holds tensors task_fn uses by closure; their gradients come back separately.
     """
+    extra = extra or {}
     inputs = tuple(_channels_last(batch[k]) for k in ("support_x", "support_y", "query_x", "query_y"))
     n_tasks = inputs[0].shape[0]
     total = {k: torch.zeros_like(v) for k, v in params.items()}
-    losses, accs = [], []
+    total_extra = {k: torch.zeros_like(v) for k, v in extra.items()}
+    outcomes = []
     for i in range(n_tasks):
         # converted per task, so that each task's graph ends at the leaves and is freed whole
         outcome = task_fn({k: _channels_last(v) for k, v in params.items()}, *(t[i] for t in inputs), None)
-        grads = torch.autograd.grad(outcome.loss / n_tasks, tuple(params.values()), materialize_grads=True)
-        for k, g in zip(total, grads):
-            total[k] += g
-        losses.append(outcome.loss.detach())
-        accs.append(outcome.accs)
-    return TaskOutcome(torch.stack(losses), torch.stack(accs), {}), total
+        grads = torch.autograd.grad(outcome.loss / n_tasks, (*params.values(), *extra.values()), materialize_grads=True)
+        for running, g in zip((*total.values(), *total_extra.values()), grads):
+            running += g
+        outcomes.append(outcome._replace(loss=outcome.loss.detach()))
+    return stack_outcomes(outcomes), total, total_extra
 
 
 def run_tasks(task_fn: Callable[..., TaskOutcome], params: Params, batch: dict[str, Tensor], indices: Tensor | None, path: TaskPath, second_order: bool) -> TaskOutcome:
@@ -313,11 +409,4 @@ def run_tasks(task_fn: Callable[..., TaskOutcome], params: Params, batch: dict[s
         return vmapped(params, *inputs, indices)
     inputs = tuple(_channels_last(t) for t in inputs)
     params = {k: _channels_last(v) for k, v in params.items()}
-    outcomes = [
-        task_fn(params, *(t[i] for t in inputs), None if indices is None else indices[i]) for i in range(inputs[0].shape[0])
-    ]
-    return TaskOutcome(
-        torch.stack([o.loss for o in outcomes]),
-        torch.stack([o.accs for o in outcomes]),
-        {k: torch.stack([o.params[k] for o in outcomes]) for k in outcomes[0].params},
-    )
+    return stack_outcomes([task_fn(params, *(t[i] for t in inputs), None if indices is None else indices[i]) for i in range(inputs[0].shape[0])])

@@ -1,6 +1,13 @@
-"""MAML and first-order MAML (Finn et al. 2017): inner SGD on the support set, meta-gradient of the query loss."""
+"""MAML and first-order MAML (Finn et al. 2017): inner SGD on the support set, meta-gradient of the query loss.
+
+MAML is also the base of the gradient-based family built on it (ANIL, Meta-SGD, MAML++): they change
+what the inner loop adapts and with which step sizes (`inner_options`), the order of the meta-gradient
+over training (`current_train_loop`) and the outer loss (`loss_weights`); the meta-step is this one.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -44,17 +51,29 @@ class MAML(EpisodicModule):
         """Adam(lr=1e-3), the paper's outer optimizer."""
         return torch.optim.Adam(params, lr=1e-3)
 
+    def current_train_loop(self) -> InnerLoop:
+        """The inner loop of this meta-step (MAML++ anneals its derivative order over epochs)."""
+        return self.train_loop
+
+    def loss_weights(self) -> Sequence[float] | None:
+        """Per-step weights of the query loss (MAML++'s multi-step loss), or None for the last step's loss alone."""
+        return None
+
     def compute_meta_gradient(self, batch: dict[str, Tensor], measure: bool) -> TaskOutcome:
         """Adapt all tasks from the meta-parameters and backpropagate the mean query loss (DDP averages it)."""
         params, fixed = split_state(self.model)
-        path = self.path()
-        task_fn = make_task_fn(self.model, fixed, self.train_loop, path, record="ends" if measure else "last")
+        path, loop = self.path(), self.current_train_loop()
+        options = self.inner_options(training=True)
+        task_fn = make_task_fn(self.model, fixed, loop, path, record="ends" if measure else "last", loss_weights=self.loss_weights(), **options)
         if path == "vmap":
-            outcome = run_tasks(task_fn, params, batch, None, path, second_order=not self.train_loop.first_order)
+            outcome = run_tasks(task_fn, params, batch, None, path, second_order=not loop.first_order)
             self.manual_backward(outcome.loss.mean())
             return outcome
-        outcome, grads = loop_meta_gradient(task_fn, params, batch)
+        step_sizes = options.get("step_sizes", {})
+        outcome, grads, step_size_grads = loop_meta_gradient(task_fn, params, batch, step_sizes)
         # DDP averages gradients during the backward pass manual_backward runs: a surrogate linear in
-        # the parameters, whose gradient is exactly the meta-gradient computed above, goes through it
-        self.manual_backward(sum((p * grads[k]).sum() for k, p in params.items()))
+        # the meta-parameters, whose gradient is exactly the meta-gradient computed above, goes through it
+        surrogate = sum((p * grads[k]).sum() for k, p in params.items())
+        surrogate = surrogate + sum((s * step_size_grads[k]).sum() for k, s in step_sizes.items())
+        self.manual_backward(surrogate)
         return outcome

@@ -20,13 +20,23 @@ def _block(in_channels: int, out_channels: int, pool: bool, track_running_stats:
     return nn.Sequential(*layers)
 
 
+class SpatialMean(nn.Module):
+    """Feature maps [B, C, H, W] -> their mean over H and W, [B, C] (MAML's Omniglot net pools this way)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Average over the two spatial dimensions."""
+        return x.mean(dim=(2, 3))
+
+
 class Conv4(nn.Module):
     """Four conv blocks and a linear head to `n_way` logits (Vinyals et al. 2016; Finn et al. 2017).
 
     pool=True:  4 x [conv3x3 pad 1 -> BN -> ReLU -> maxpool 2], flatten, linear (MAML's miniImageNet net).
     pool=False: 4 x [conv3x3 stride 2 pad 1 -> BN -> ReLU], spatial mean, linear (MAML's Omniglot net).
-    track_running_stats=False makes BatchNorm normalize with the statistics of the batch it is given,
-    in training and in eval mode alike, so nothing carries over from one task to the next.
+    `features` maps images to embeddings and `head` embeddings to logits (forward = head(features(x))):
+    the split ANIL adapts across and ProtoNets embed with. track_running_stats=False makes BatchNorm
+    normalize with the statistics of the batch it is given, in training and in eval mode alike, so
+    nothing carries over from one task to the next.
     """
 
     def __init__(
@@ -48,8 +58,8 @@ class Conv4(nn.Module):
                 "use model=conv4_strided or larger images."
             )
         channels = [in_channels] + [hidden] * 4
-        self.pool = pool
-        self.features = nn.Sequential(*(_block(c_in, c_out, pool, track_running_stats) for c_in, c_out in zip(channels, channels[1:])))
+        blocks = [_block(c_in, c_out, pool, track_running_stats) for c_in, c_out in zip(channels, channels[1:])]
+        self.features = nn.Sequential(*blocks, nn.Flatten() if pool else SpatialMean())
         side = image_size
         for _ in range(4):
             side = side // 2 if pool else (side + 1) // 2
@@ -57,6 +67,4 @@ class Conv4(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits [batch, n_way] of images [batch, in_channels, image_size, image_size]."""
-        features = self.features(x)
-        features = features.flatten(1) if self.pool else features.mean(dim=(2, 3))
-        return self.head(features)
+        return self.head(self.features(x))
