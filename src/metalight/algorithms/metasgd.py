@@ -1,0 +1,31 @@
+"""Meta-SGD (Li et al. 2017): MAML with a learned step size for every weight, meta-learned with the weights."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from torch import nn
+
+from metalight.algorithms.functional import split_state
+from metalight.algorithms.maml import MAML
+from metalight.algorithms.step_sizes import LearnedStepSizes
+
+
+class MetaSGD(MAML):
+    """Meta-SGD: each inner step is w - alpha * grad, alpha a tensor shaped like w (learned; saved in the checkpoint).
+
+    alpha starts at `inner_lr` everywhere and is updated by the outer optimizer together with the
+    weights. The paper adapts with one inner step (inner_steps=1); evaluation repeats the learned
+    step eval_inner_steps times. All other options are MAML's.
+    """
+
+    def __init__(self, model: nn.Module, **maml_options: Any) -> None:
+        super().__init__(model, **maml_options)
+        self.step_sizes = LearnedStepSizes(split_state(model)[0], self.hparams.inner_lr)
+        self.train_loop = dataclasses.replace(self.train_loop, learned_lr="per_parameter")
+        self.eval_loop = dataclasses.replace(self.eval_loop, learned_lr="per_parameter")
+
+    def inner_options(self, training: bool) -> dict[str, Any]:
+        """The learned step sizes (with their graph while training)."""
+        return {"step_sizes": self.step_sizes.by_weight(detached=not training)}

@@ -1,0 +1,93 @@
+"""Prototypical Networks (Snell et al. 2017): classify queries by their distance to the mean embedding of each class."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from metalight.algorithms.base import EpisodicModule, OptimizerFactory, SchedulerFactory, require_features_and_head
+from metalight.algorithms.functional import Params, TaskOutcome, accuracy, run_tasks, split_state
+
+
+def prototypes(embeddings: Tensor, labels: Tensor, n_way: int) -> Tensor:
+    """Mean embedding of each class [n_way, D] from support embeddings [N*K, D] and their labels 0..n_way-1."""
+    one_hot = F.one_hot(labels, n_way).to(embeddings.dtype)
+    return one_hot.T @ embeddings / one_hot.sum(dim=0).unsqueeze(1)
+
+
+def negative_squared_distances(queries: Tensor, centers: Tensor) -> Tensor:
+    """Logits [Q, N]: -||q - c||^2 for every query q [Q, D] and center c [N, D]."""
+    return -(queries.pow(2).sum(1, keepdim=True) - 2 * queries @ centers.T + centers.pow(2).sum(1))
+
+
+class ProtoNet(EpisodicModule):
+    """Prototypical Networks: no inner loop; logits are negative squared Euclidean distances to class prototypes.
+
+    The model's `features` embed the images (its linear head is dropped: it is not used). A task's
+    support and query images are embedded as one batch (as in the authors' code, so BatchNorm sees
+    both); transductive=false embeds the support set alone and each query with the support set.
+    Training tasks may have more ways and other shot/query counts than evaluation tasks
+    (data.n_way_train, data.k_shot_train, data.k_query_train), as in the paper. The outer optimizer
+    defaults to Adam(lr=1e-3); the paper halves the LR every 2,000 episodes (conf/algo/protonet.yaml).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+        gradient_clip_val: float | None = None,
+        task_parallel: str = "auto",
+        max_nonfinite_steps: int = 10,
+        transductive: bool = True,
+    ) -> None:
+        require_features_and_head(model, "ProtoNets")
+        model.head = nn.Identity()  # model(x) is now the embedding
+        super().__init__(model, optimizer, scheduler, gradient_clip_val, task_parallel, max_nonfinite_steps, transductive)
+        self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
+
+    def default_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        """Adam(lr=1e-3), the paper's optimizer."""
+        return torch.optim.Adam(params, lr=1e-3)
+
+    def task_fn(self, n_way: int, keep_logits: bool = False) -> Callable[..., TaskOutcome]:
+        """(params, support_x, support_y, query_x, query_y, indices) -> TaskOutcome of one task, as run_tasks takes it."""
+        _, fixed = split_state(self.model)
+        transductive = self.transductive
+
+        def embed(params: Params, x: Tensor) -> Tensor:
+            return functional_call(self.model, (params, fixed), (x,))
+
+        def run(params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, indices: None) -> TaskOutcome:
+            if transductive:
+                embedded = embed(params, torch.cat([support_x, query_x]))
+                support, queries = embedded[: len(support_x)], embedded[len(support_x) :]
+            else:
+                support = embed(params, support_x)
+                queries = torch.vmap(lambda q: embed(params, torch.cat([support_x, q.unsqueeze(0)]))[-1])(query_x)
+            logits = negative_squared_distances(queries, prototypes(support, support_y, n_way))
+            kept = logits.detach().unsqueeze(0) if keep_logits else logits.new_zeros(0)
+            return TaskOutcome(F.cross_entropy(logits, query_y), accuracy(logits.detach(), query_y).unsqueeze(0), {}, kept)
+
+        return run
+
+    def _run(self, batch: dict[str, Tensor], keep_logits: bool = False) -> TaskOutcome:
+        """Every task of the batch through task_fn, by vmap or a loop."""
+        n_way = int(batch["support_y"][0].max()) + 1
+        params, _ = split_state(self.model)
+        return run_tasks(self.task_fn(n_way, keep_logits), params, batch, None, self.path(), second_order=False)
+
+    def compute_meta_gradient(self, batch: dict[str, Tensor], measure: bool) -> TaskOutcome:
+        """Backpropagate the mean query loss of the meta-batch (DDP averages it)."""
+        outcome = self._run(batch)
+        self.manual_backward(outcome.loss.mean())
+        return outcome
+
+    def evaluate_tasks(self, batch: dict[str, Tensor], stream: str, task_ids: list[int], keep_logits: bool = False) -> TaskOutcome:
+        """Query accuracy of each task from its prototypes: accs [B, 1] (nothing to adapt, no gradients)."""
+        with torch.no_grad():
+            return self._run(batch, keep_logits)
