@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from algo_tasks import EvalTasks, TrainStream, loader, make_trainer, tiny_conv4
+from lightning.pytorch.strategies import DDPStrategy
 
 from metalight.algorithms import MAML, Reptile
 
@@ -39,7 +40,8 @@ def build(name: str):
 def run(name: str, devices: int, out_dir: Path) -> None:
     """Train STEPS meta-steps, validate on 5 tasks (unequal shares: 3 and 2), save weights and val/* per rank."""
     algorithm = build(name)
-    trainer = make_trainer(max_steps=STEPS, devices=devices, strategy="ddp" if devices > 1 else "auto", precision="64-true")
+    strategy = DDPStrategy(process_group_backend="gloo") if devices > 1 else "auto"  # CPU processes, whatever the machine has
+    trainer = make_trainer(max_steps=STEPS, devices=devices, strategy=strategy, precision="64-true")
     trainer.fit(algorithm, loader(TrainStream(STEPS, META_BATCH, k_shot=3, dtype=torch.float64)))
     trainer.validate(algorithm, loader(EvalTasks(5, 2, k_shot=3, dtype=torch.float64)), verbose=False)
     result = {
@@ -51,7 +53,10 @@ def run(name: str, devices: int, out_dir: Path) -> None:
 
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
-    env = os.environ | {"PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
+    # keep the caller's PYTHONPATH (metalight may be importable only through it, as on a machine without
+    # `pip install -e .`), and hide GPUs: the two processes compare CPU arithmetic
+    path = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
+    env = os.environ | {"PYTHONPATH": path, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     env.pop("LOCAL_RANK", None)
     done = subprocess.run([sys.executable, __file__, str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]

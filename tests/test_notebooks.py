@@ -82,9 +82,9 @@ def test_results_notebook_on_two_short_runs(environment: Path, tmp_path: Path, m
         "-m", "algo=maml,reptile", f"hydra.sweep.dir={sweep}", f"paths.log_dir={tmp_path / 'logs'}", "model=conv4_strided",
         "trainer.max_steps=2", "trainer.log_every_n_steps=1", "++trainer.enable_progress_bar=false", "data.batches_per_epoch=1",
         "data.meta_batch_size=2", "data.n_val_tasks=2", "data.n_test_tasks=2", "data.eval_batch_size=2", "data.num_workers=0",
-        "data.persistent_workers=false", "algo.eval_inner_steps=3",
+        "data.persistent_workers=false", "algo.eval_inner_steps=3", "trainer.accelerator=cpu",
     ]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     monkeypatch.setenv("METALIGHT_RUNS", str(sweep / "*"))

@@ -149,7 +149,8 @@ def test_bad_every_n_steps_names_the_key(tmp_path):
 
 
 def _train_env(data_dir: Path, cache_dir: Path) -> dict:
-    return dict(os.environ, DATA_DIR=str(data_dir), METALIGHT_CACHE=str(cache_dir), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    # trainer=ddp_cpu: CPU processes over gloo; GPUs hidden so that no rank touches CUDA (pinned memory, contexts)
+    return dict(os.environ, DATA_DIR=str(data_dir), METALIGHT_CACHE=str(cache_dir), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ TINY = [
     f"trainer.max_steps={MAX_STEPS}", "data.batches_per_epoch=4", "data.meta_batch_size=2", "data.k_query=2",
     "data.n_val_tasks=2", "data.eval_batch_size=2", "model.hidden=8", "algo.eval_inner_steps=1", "data.num_workers=0",
     "data.persistent_workers=false", "++trainer.enable_progress_bar=false", "callbacks.last_checkpoint.every_n_steps=1",
-    "logger=csv", "test=false",
+    "logger=csv", "test=false", "trainer.accelerator=cpu",  # exact resume is a CPU promise
 ]
 
 
@@ -30,8 +30,8 @@ def _command(tmp_path: Path, *overrides: str) -> list[str]:
 
 
 def _env(data_dir: Path, cache_dir: Path) -> dict:
-    # one thread per process: faster on a small shared machine, and the same reductions in every run
-    return dict(os.environ, DATA_DIR=str(data_dir), METALIGHT_CACHE=str(cache_dir), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    # one thread per process: faster on a small shared machine, and the same reductions in every run; GPUs hidden
+    return dict(os.environ, DATA_DIR=str(data_dir), METALIGHT_CACHE=str(cache_dir), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
 
 
 def _last(tmp_path: Path, task_name: str) -> Path:

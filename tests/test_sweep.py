@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "trainer.max_steps=2", "data.batches_per_epoch=2", "data.meta_batch_size=2", "data.k_query=2", "data.n_val_tasks=2",
     "data.n_test_tasks=2", "data.eval_batch_size=2", "model.hidden=8", "algo.eval_inner_steps=1", "data.num_workers=0",
-    "data.persistent_workers=false", "++trainer.enable_progress_bar=false",
+    "data.persistent_workers=false", "++trainer.enable_progress_bar=false", "trainer.accelerator=cpu",
 ]
 
 
@@ -51,7 +51,7 @@ def test_summary_lists_every_job_in_order(tmp_path):
 
 def _sweep(tmp_path: Path, data_dir: Path, cache_dir: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """`python train.py --multirun ...` into tmp_path/sweep (hparams_search=... sets the multirun mode itself)."""
-    env = dict(os.environ, DATA_DIR=str(data_dir), METALIGHT_CACHE=str(cache_dir), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, DATA_DIR=str(data_dir), METALIGHT_CACHE=str(cache_dir), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     return subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "--multirun", f"paths.log_dir={tmp_path / 'logs'}", "hydra.sweep.dir=sweep", *TINY, *args],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout,
@@ -102,7 +102,10 @@ def test_optuna_search_runs_a_few_trials(tmp_path, data_dir, cache_dir):
 
 @pytest.mark.slow
 def test_submitit_local_launcher_runs_each_job_in_its_own_process(tmp_path, data_dir, cache_dir):
-    result = _sweep(tmp_path, data_dir, cache_dir, "hydra/launcher=submitit_local", "algo=maml,fomaml", "logger=csv", "seed=1")
+    # gpus_per_node=0: submitit would otherwise set CUDA_VISIBLE_DEVICES=0 for each job on a GPU machine
+    result = _sweep(
+        tmp_path, data_dir, cache_dir, "hydra/launcher=submitit_local", "hydra.launcher.gpus_per_node=0", "algo=maml,fomaml", "logger=csv", "seed=1"
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     rows = _summary(tmp_path / "sweep")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from metalight.errors import DataError
 from metalight.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,9 +22,10 @@ def test_fast_dev_run(compose_train, algo):
 
 
 def _run_train(args: list[str], tmp_path: Path, data_dir: Path, cache_dir: Path, timeout: int = 300):
-    env = dict(os.environ, DATA_DIR=str(data_dir), METALIGHT_CACHE=str(cache_dir), PYTHONUNBUFFERED="1")
+    """`python train.py` on the CPU (GPUs hidden too) whatever the machine has; logs under tmp_path."""
+    env = dict(os.environ, DATA_DIR=str(data_dir), METALIGHT_CACHE=str(cache_dir), PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
     return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), f"paths.log_dir={tmp_path / 'logs'}", *args],
+        [sys.executable, str(ROOT / "train.py"), f"paths.log_dir={tmp_path / 'logs'}", "trainer.accelerator=cpu", *args],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout,
     )
 
@@ -64,9 +66,34 @@ def test_cli_errors_are_one_clear_message(tmp_path, data_dir, cache_dir, overrid
     assert "Traceback" not in output
 
 
-def test_missing_data_folder_is_reported(tmp_path, cache_dir):
-    result = _run_train(["debug=fast_dev_run", "data.download=false"], tmp_path, tmp_path / "nowhere", cache_dir, 120)
+@pytest.mark.parametrize("trainer", ["debug=fast_dev_run", "trainer=ddp_cpu"])
+def test_missing_data_folder_is_reported(tmp_path, cache_dir, trainer):
+    # with 2 DDP processes the data is checked before the second one starts: one message, no broken connections
+    result = _run_train([trainer, "data.download=false"], tmp_path, tmp_path / "nowhere", cache_dir, 120)
     output = result.stdout + result.stderr
     assert result.returncode == 2, output[-2000:]
     assert str(tmp_path / "nowhere") in output and "DATA_DIR" in output
     assert "Traceback" not in output
+
+
+def test_every_ddp_process_ends_with_the_one_message(tmp_path, monkeypatch, caplog):
+    """A process whose collective breaks because another one stopped on our error ends with that error's line, status 2."""
+    from metalight import cli
+
+    monkeypatch.setattr(cli, "_error_file", lambda: tmp_path / cli.ERROR_FILE)  # as in a 2-process run
+    monkeypatch.setattr(cli, "ERROR_WAIT_S", 0.0)
+
+    def missing_data():
+        raise DataError("no omniglot/ under /nowhere")
+
+    def broken_connection():
+        raise RuntimeError("Connection closed by peer")
+
+    for function in (missing_data, broken_connection):  # the process that failed, then one of the others
+        with pytest.raises(SystemExit) as stopped:
+            cli.run_reporting_errors(function)
+        assert stopped.value.code == 2
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == ["DataError: no omniglot/ under /nowhere"] * 2
+    (tmp_path / cli.ERROR_FILE).unlink()  # no other process left a message: a crash of its own keeps its traceback
+    with pytest.raises(RuntimeError, match="closed by peer"):
+        cli.run_reporting_errors(broken_connection)

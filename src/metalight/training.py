@@ -63,6 +63,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     for logger in trainer.loggers:
         logger.log_hyperparams(cfg_to_hparams(cfg))
 
+    _check_data_before_launch(trainer, datamodule)
     if cfg.get("train", True):
         trainer.fit(algorithm, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = _metrics(trainer)
@@ -80,6 +81,25 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if trainer.is_global_zero:
         log.info("Run folder: %s (TensorBoard: tensorboard --logdir %s)", cfg.paths.output_dir, cfg.paths.log_dir)
     return metrics, objects
+
+
+def _check_data_before_launch(trainer: pl.Trainer, datamodule: pl.LightningDataModule) -> None:
+    """Prepare and set up the data in this process when it is about to start the other DDP processes.
+
+    Lightning prepares data on one process per node after every process has started, so a missing data
+    folder or a task too large for a split would end that process with our one-line error and the others
+    with a broken-connection traceback. Checked here, the run ends before any other process exists. fit()
+    then finds the data set up (the datamodule keeps what it loaded; the cache makes preparing again cheap).
+    Processes started by torchrun or SLURM each run this function themselves: cli.run_reporting_errors
+    covers them.
+    """
+    strategy = trainer.strategy
+    environment = getattr(strategy, "cluster_environment", None)
+    processes = getattr(strategy, "num_processes", 1) * trainer.num_nodes
+    if strategy.launcher is None or environment is None or environment.creates_processes_externally or processes < 2:
+        return
+    datamodule.prepare_data()
+    datamodule.setup("fit")
 
 
 def _checkpoint_to_resume(cfg: DictConfig) -> str | None:
