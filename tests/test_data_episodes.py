@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from metalight.data import EpisodeDataset, EvalTaskSampler, TrainTaskSampler
+from metalight.data.episodes import SPLIT_CODES
 
 CLASSES, PER_CLASS = 300, 20
 
@@ -110,3 +111,65 @@ def test_eval_tasks_identical_for_any_world_size(world: int) -> None:
     whole = data[single]["support_x"]
     for r, shard in enumerate(shards):
         assert torch.equal(data[shard]["support_x"], whole[r::world])
+
+
+def _dense_formula(images: np.ndarray, seed: int, split: str, epoch: int, index: int, n_way: int, k: int) -> np.ndarray:
+    """The draw of a dense [classes, per_class, ...] split before ragged storage: [n_way, k, ...] images of one task."""
+    rng = np.random.default_rng([seed, SPLIT_CODES[split], epoch, index])
+    classes = rng.choice(images.shape[0], n_way, replace=False)
+    samples = rng.random((n_way, images.shape[1])).argsort(axis=1)[:, :k]
+    return images[classes[:, None], samples]
+
+
+def _assert_dense_formula(dataset: EpisodeDataset, dense: np.ndarray, keys: list[tuple[int, int]]) -> None:
+    batch = dataset[keys]
+    k, n_way = dataset.k_shot + dataset.k_query, dataset.n_way
+    for b, (epoch, index) in enumerate(keys):
+        expected = _dense_formula(dense, dataset.seed, dataset.split, epoch, index, n_way, k)
+        support = batch["support_x"][b].reshape(n_way, dataset.k_shot, *dense.shape[2:]).numpy()
+        query = batch["query_x"][b].reshape(n_way, dataset.k_query, *dense.shape[2:]).numpy()
+        assert np.array_equal(support, expected[:, : dataset.k_shot]) and np.array_equal(query, expected[:, dataset.k_shot :])
+
+
+def test_equal_counts_draw_exactly_the_dense_formula() -> None:
+    dense = _coded_images()
+    flat = dense.reshape(-1, *dense.shape[2:])
+    starts, counts = np.arange(CLASSES) * PER_CLASS, np.full(CLASSES, PER_CLASS)
+    for split, seed in (("train", 3), ("test", 0)):
+        dataset = EpisodeDataset(flat, split, seed, 5, 2, 3, starts, counts)
+        _assert_dense_formula(dataset, dense, [(e, i) for e in (0, 4) for i in (0, 1, 999)])
+
+
+def test_real_omniglot_and_miniimagenet_tasks_are_unchanged(data_dir: Path, cache_dir: Path) -> None:
+    from metalight.data.miniimagenet import load_part
+    from metalight.data.omniglot import load_omniglot
+
+    splits = [("train", load_omniglot(data_dir, "vinyals", 28, cache_dir)["train"], 20, 7)]
+    if (data_dir / "miniimagenet").is_dir():
+        splits.append(("val", load_part(data_dir, "val", 84, cache_dir), 5, 0))
+    for part, split, n_way, seed in splits:
+        per_class = int(split.counts[0])
+        dense = np.asarray(split.images).reshape(len(split.classes), per_class, *split.images.shape[1:])
+        dataset = EpisodeDataset(split.images, part, seed, n_way, 1, 15, split.starts, split.counts)
+        _assert_dense_formula(dataset, dense, [(0, 0), (2, 17), (5, 12345)])
+
+
+def test_ragged_classes() -> None:
+    counts = np.array([3, 7, 4, 20, 5])
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    images = np.zeros((counts.sum(), 1, 4, 4), np.uint8)
+    for c, (start, count) in enumerate(zip(starts, counts)):
+        images[start : start + count, 0, 0, 0] = c
+        images[start : start + count, 0, 0, 1] = np.arange(count)
+    dataset = EpisodeDataset(images, "train", 0, 3, 1, 2, starts, counts)
+    assert dataset.per_class == 20 and dataset.ragged
+    seen: dict[int, set[int]] = {c: set() for c in range(5)}
+    batch = dataset[[(0, i) for i in range(400)]]
+    x = torch.cat([batch["support_x"], batch["query_x"]], dim=1)[..., 0, 0, :2].numpy()
+    for task in x:
+        for c, j in task:
+            seen[int(c)].add(int(j))
+        assert len({(int(c), int(j)) for c, j in task}) == len(task), "distinct images"
+    assert all(seen[c] == set(range(counts[c])) for c in range(5)), "every image of each class reachable, none past its count"
+    with pytest.raises(ValueError, match="cannot give 3-way tasks of 2 \\+ 2 images"):
+        EpisodeDataset(images, "train", 0, 3, 2, 2, starts, counts)

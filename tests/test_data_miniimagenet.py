@@ -34,7 +34,8 @@ def test_real_split_sizes(mini_dir: Path) -> None:
 
 def test_real_val_split_decodes(data_dir: Path, mini_dir: Path, cache_dir: Path) -> None:
     val = load_part(data_dir, "val", 84, cache_dir)
-    assert val.images.shape == (16, 600, 3, 84, 84) and val.images.dtype == np.uint8
+    assert val.images.shape == (16 * 600, 3, 84, 84) and val.images.dtype == np.uint8
+    assert val.counts.tolist() == [600] * 16 and val.starts.tolist() == list(range(0, 9600, 600))
     assert val.classes == sorted(image_classes(mini_dir, "val")[1])
     again = load_part(data_dir, "val", 84, cache_dir)
     assert isinstance(again.images, np.memmap)
@@ -78,8 +79,7 @@ def _make(layout: str, root: Path, picks: dict, decoded: dict | None = None) -> 
                     (folder / "images" / filename).write_bytes(data)
                     writer.writerow([filename, wnid])
         else:  # pickle: rows shuffled, class_dict listing each class's rows in their original order
-            images = decoded[part].images  # [classes, per_class, 3, H, W]
-            flat = images.reshape(-1, *images.shape[2:]).transpose(0, 2, 3, 1)
+            flat = decoded[part].images.transpose(0, 2, 3, 1)  # [classes * per_class, H, W, 3], class-major
             order = np.random.default_rng(0).permutation(len(flat))  # pickle row r holds image order[r]
             rows = {
                 wnid: sorted(np.flatnonzero(order // PER_CLASS == c).tolist(), key=lambda r: order[r])
@@ -103,7 +103,7 @@ def test_all_layouts_agree(picks: dict, tmp_path: Path, image_size: int) -> None
     for layout, parts in results.items():
         for part in PARTS:
             assert parts[part].classes == sorted({n.split("/")[0] for n in picks[part]}), layout
-            assert parts[part].images.shape == (WNIDS, PER_CLASS, 3, image_size, image_size), layout
+            assert parts[part].images.shape == (WNIDS * PER_CLASS, 3, image_size, image_size), layout
             assert np.array_equal(parts[part].images, reference[part].images), layout
 
 
@@ -117,7 +117,7 @@ def test_cache_rebuilt_when_source_changes(picks: dict, tmp_path: Path) -> None:
     victim.write_bytes(sorted((folder / "val").glob("*/*.jpg"))[-1].read_bytes())
     os.utime(victim, ns=(1, 1))
     changed = np.array(load_part(tmp_path, "val", 84, cache).images)
-    assert np.array_equal(changed[0, 0], first[-1, -1]) and not np.array_equal(changed[0, 0], first[0, 0])
+    assert np.array_equal(changed[0], first[-1]) and not np.array_equal(changed[0], first[0])
     # a truncated cache file, or a sidecar recording another key, is rebuilt rather than trusted
     npy.write_bytes(npy.read_bytes()[:1000])
     assert np.array_equal(load_part(tmp_path, "val", 84, cache).images, changed)

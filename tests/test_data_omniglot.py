@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from metalight.data.images import to_chw
-from metalight.data.omniglot import LAKE_VAL_ALPHABETS, load_omniglot
+from metalight.data.class_lists import SPLITS_DIR
+from metalight.data.omniglot import LAKE_VAL_ALPHABETS, _vinyals_classes, list_characters, load_omniglot, vinyals_file
 from metalight.errors import DataError
 
 
@@ -32,7 +33,8 @@ def _character(name: str) -> str:
 def test_vinyals_counts(vinyals: dict) -> None:
     assert {p: len(s.classes) for p, s in vinyals.items()} == {"train": 4112, "val": 688, "test": 1692}
     for split in vinyals.values():
-        assert split.images.shape == (len(split.classes), 20, 1, 28, 28)
+        assert split.images.shape == (len(split.classes) * 20, 1, 28, 28)
+        assert set(split.counts.tolist()) == {20}
         assert split.images.dtype == np.uint8
     characters = {p: len({_character(c) for c in s.classes}) for p, s in vinyals.items()}
     assert characters == {"train": 1028, "val": 172, "test": 423}
@@ -72,13 +74,16 @@ def test_rotated_classes_are_rotations(vinyals: dict, data_dir: Path) -> None:
     # decoded independently: PIL rotation (counterclockwise, as Prototypical Networks) first, then resize, invert
     references = [to_chw(drawing.rotate(90 * t), "L", 28, invert=True).astype(int) for t in range(4)]
     for turns in range(4):
-        image = split.images[index[f"{character}/rot{90 * turns:03d}"], 0].astype(int)
+        image = split.images[split.starts[index[f"{character}/rot{90 * turns:03d}"]]].astype(int)
         errors = [np.abs(image - reference).mean() for reference in references]
         # resize-then-rotate vs rotate-then-resize differ only by the rounding of PIL's two resize passes
         assert errors[turns] < 4, errors
         assert all(e > 30 for t, e in enumerate(errors) if t != turns), errors
-    base = split.images[index[f"{character}/rot000"]]
-    assert np.array_equal(split.images[index[f"{character}/rot090"]], np.rot90(base, 1, axes=(-2, -1)))
+    def drawings(name: str) -> np.ndarray:
+        return split.images[split.starts[index[name]] : split.starts[index[name]] + 20]
+
+    base = drawings(f"{character}/rot000")
+    assert np.array_equal(drawings(f"{character}/rot090"), np.rot90(base, 1, axes=(-2, -1)))
 
 
 def test_strokes_bright_on_dark(vinyals: dict) -> None:
@@ -168,9 +173,23 @@ def test_missing_archive(tmp_path: Path) -> None:
         load_omniglot(tmp_path, "lake", 28, tmp_path / "cache")
 
 
-def test_missing_vinyals_split(data_dir: Path, tmp_path: Path) -> None:
-    _fake_omniglot(data_dir, tmp_path, with_splits=False)
-    with pytest.raises(DataError, match=r"(?s)splits/vinyals/train.txt.*Prototypical Networks.*data.split=lake"):
+def test_shipped_vinyals_lists_equal_the_published_files(data_dir: Path) -> None:
+    # a fresh clone has only the archives: the lists shipped in the package stand in for splits/vinyals/
+    characters, _, _ = list_characters(data_dir / "omniglot")
+    for part in ("train", "val", "test"):
+        shipped = vinyals_file(data_dir / "nowhere", part)
+        assert shipped.parent == SPLITS_DIR / "omniglot_vinyals"
+        assert shipped.read_bytes() == (data_dir / "omniglot" / "splits" / "vinyals" / f"{part}.txt").read_bytes()
+        assert vinyals_file(data_dir / "omniglot", part).parent == data_dir / "omniglot" / "splits" / "vinyals"
+    assert _vinyals_classes(data_dir / "nowhere", "val", characters)[0] == ("Hebrew/character01/rot000", "Hebrew/character01", 0)
+
+
+def test_without_split_files_the_shipped_lists_are_used(data_dir: Path, tmp_path: Path) -> None:
+    _fake_omniglot(data_dir, tmp_path, with_splits=False)  # 3 characters: the shipped lists name 1623
+    with pytest.raises(DataError, match=r"splits/omniglot_vinyals/train.txt has no images"):
+        load_omniglot(tmp_path, "vinyals", 28, tmp_path / "cache")
+    (tmp_path / "omniglot" / "splits" / "vinyals").mkdir(parents=True)  # a user folder wins, even a broken one
+    with pytest.raises(DataError, match=r"(?s)splits/vinyals/train.txt not found.*remove"):
         load_omniglot(tmp_path, "vinyals", 28, tmp_path / "cache")
 
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from metalight.checkpoint_io import write_text_atomically
+from metalight.data.images import SplitImages
 from metalight.errors import DataError
 
 FORMAT_VERSION = 1
@@ -90,3 +91,22 @@ def cached(
     """Cache `name` if it matches `key`, else build it with write_cache (for sources whose shape is known up front)."""
     hit = load_cache(cache_dir, name, key)
     return hit if hit is not None else write_cache(cache_dir, name, key, shape, fill, info)
+
+
+def cached_grouped(
+    cache_dir: Path,
+    name: str,
+    key: dict,
+    classes: Sequence[str],
+    counts: Sequence[int],
+    image_shape: tuple[int, int, int],
+    fill: Callable[[np.ndarray], None],
+) -> SplitImages:
+    """A flat cache [sum(counts), C, H, W] holding each class's images in turn: loaded, or built by fill(out).
+
+    For classes with different numbers of images; the class names and counts are part of the key.
+    """
+    key = {**key, "classes": list(classes), "counts": [int(c) for c in counts]}
+    info = {"classes": list(classes), "counts": [int(c) for c in counts]}
+    array, info = cached(cache_dir, name, key, (int(sum(counts)), *image_shape), fill, info)
+    return SplitImages.grouped(info["classes"], array, info["counts"])

@@ -1,29 +1,38 @@
-"""FewShotDataModule: Omniglot or miniImageNet as deterministic, rank-sharded meta-batches of few-shot tasks."""
+"""FewShotDataModule: any configured data set as deterministic, rank-sharded meta-batches of few-shot tasks."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Sampler
 
 from metalight.data import miniimagenet, omniglot
 from metalight.data.episodes import EpisodeDataset, EvalTaskSampler, TrainTaskSampler
-from metalight.data.images import SplitImages
+from metalight.data.images import SplitImages, channel_stats
 from metalight.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+PARTS = ("train", "val", "test")
+SMALL_CLASSES = ("error", "drop")
 
 
 @dataclass(frozen=True)
 class _DatasetSpec:
-    """How to load one data set and what its images look like."""
+    """How to load one data set, its splits, what its images look like, and the data.source keys it reads."""
 
     load: Callable[..., dict[str, SplitImages]]
     splits: tuple[str, ...]
-    channels: int
+    channels: int | None  # None: whatever data.channels says (the loader converts the images)
     downloadable: bool
+    options: tuple[str, ...] = ()
 
 
 DATASETS = {
@@ -41,26 +50,46 @@ def _check_int(name: str, value: object, smallest: int) -> None:
         )
 
 
+def _plain(node: object) -> dict:
+    """A config node (DictConfig or dict, or None) as a plain dict."""
+    if node is None:
+        return {}
+    return dict(OmegaConf.to_container(node, resolve=True)) if OmegaConf.is_config(node) else dict(node)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class _TaskShape:
+    """n_way, k_shot and k_query of one split's tasks, each with the config key that set it (for messages)."""
+
+    n_way: tuple[str, int]
+    k_shot: tuple[str, int]
+    k_query: tuple[str, int]
+
+
 class FewShotDataModule(LightningDataModule):
     """Meta-batches of few-shot tasks (uint8 on the host, normalized float32 on the device) for MAML-style training.
 
     Batches are dicts: support_x [B, N*K, C, H, W], support_y [B, N*K], query_x [B, N*Q, C, H, W],
     query_y [B, N*Q], B = meta_batch_size / world_size tasks for training, up to eval_batch_size for val/test.
-    Training task i of epoch e is a function of (seed, "train", e, i); the val/test tasks are the fixed sets
-    0..n-1 of (eval_seed, split, 0, i), dealt to ranks round-robin. After setup(): `channels`,
-    `images_per_class` and `train_classes`, `val_classes`, `test_classes` (class counts).
+    Training tasks are n_way_train-way k_shot_train-shot with k_query_train queries per class (each
+    null = the evaluation value). Training task i of epoch e is a function of (seed, "train", e, i); the
+    val/test tasks are the fixed sets 0..n-1 of (eval_seed, split, 0, i), dealt to ranks round-robin.
+    After setup(): `channels`, `mean`, `std`, `train_classes`, `val_classes`, `test_classes` (class
+    counts) and `images_per_class` / `max_images_per_class` (the smallest / largest class).
     """
 
     def __init__(
         self,
         dataset: str,
-        root: str,
+        root: str | None,
         split: str,
         image_size: int,
         n_way: int = 5,
         k_shot: int = 1,
         k_query: int = 15,
+        n_way_train: int | None = None,
         k_shot_train: int | None = None,
+        k_query_train: int | None = None,
         meta_batch_size: int = 32,
         eval_batch_size: int = 16,
         batches_per_epoch: int = 500,
@@ -71,6 +100,8 @@ class FewShotDataModule(LightningDataModule):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         channels: int | None = None,
+        small_classes: str = "error",
+        source: Mapping | None = None,
         num_workers: int = 0,
         pin_memory: bool = False,
         persistent_workers: bool = False,
@@ -83,88 +114,152 @@ class FewShotDataModule(LightningDataModule):
         spec = DATASETS[dataset]
         if split not in spec.splits:
             raise ConfigError(f"data.split={split!r} is not a split of {dataset}: use one of {', '.join(spec.splits)}.")
-        k_shot_train = k_shot if k_shot_train is None else k_shot_train
+        if root is None:
+            where = "a folder of class folders, or a zip of them" if dataset == "folder" else f"the folder holding {dataset}/"
+            raise ConfigError(f"data.root is not set: set data.root=<{where}> (see README, Data).")
+        train_keys = {"n_way": n_way_train, "k_shot": k_shot_train, "k_query": k_query_train}
         positive = dict(
-            image_size=image_size, n_way=n_way, k_shot=k_shot, k_query=k_query, k_shot_train=k_shot_train,
+            image_size=image_size, n_way=n_way, k_shot=k_shot, k_query=k_query,
             meta_batch_size=meta_batch_size, eval_batch_size=eval_batch_size, batches_per_epoch=batches_per_epoch,
             n_val_tasks=n_val_tasks, n_test_tasks=n_test_tasks,
         )
+        positive |= {f"{name}_train": value for name, value in train_keys.items() if value is not None}
         for name, value in positive.items():
             _check_int(name, value, 1)
         for name, value in (("seed", seed), ("eval_seed", eval_seed), ("num_workers", num_workers)):
             _check_int(name, value, 0)
-        if channels is not None and channels != spec.channels:
+        if spec.channels is None:
+            if channels not in (1, 3):
+                raise ConfigError(f"data.channels={channels!r}: {dataset} images are read as 1 (grey) or 3 (RGB) channels; set one.")
+        elif channels is not None and channels != spec.channels:
             raise ConfigError(
                 f"data.channels={channels} but {dataset} images have {spec.channels} channel(s): "
                 f"set data.channels={spec.channels}."
             )
-        mean = [0.0] * spec.channels if mean is None else [float(m) for m in mean]
-        std = [1.0] * spec.channels if std is None else [float(s) for s in std]
-        if len(mean) != spec.channels or len(std) != spec.channels:
-            raise ConfigError(
-                f"data.mean={mean} / data.std={std}: {dataset} has {spec.channels} channel(s), so each needs "
-                f"{spec.channels} value(s)."
-            )
-        if min(std) <= 0:
-            raise ConfigError(f"data.std={std} must be positive in every channel.")
+        n_channels = spec.channels or int(channels)  # type: ignore[arg-type]
+        if (mean is None) != (std is None):
+            raise ConfigError(f"data.mean={mean} / data.std={std}: set both, or both to null (computed from the training images).")
+        if mean is not None and std is not None:
+            mean, std = [float(m) for m in mean], [float(s) for s in std]
+            if len(mean) != n_channels or len(std) != n_channels:
+                raise ConfigError(
+                    f"data.mean={mean} / data.std={std}: {dataset} has {n_channels} channel(s), so each needs "
+                    f"{n_channels} value(s)."
+                )
+            if min(std) <= 0:
+                raise ConfigError(f"data.std={std} must be positive in every channel.")
+        if small_classes not in SMALL_CLASSES:
+            raise ConfigError(f"data.small_classes={small_classes!r} is not valid: use error or drop.")
+        source = _plain(source)
+        unknown = sorted(set(source) - set(spec.options))
+        if unknown:
+            known = ", ".join(spec.options) or "none"
+            raise ConfigError(f"data.source.{unknown[0]} is not an option of {dataset} (its options: {known}): remove it.")
         if download and not spec.downloadable:
             raise ConfigError(
                 f"data.download=true is not supported for {dataset}: place it under {root} (see README, Data)."
             )
         self.dataset, self.root, self.split, self.image_size = dataset, Path(root), split, image_size
-        self.n_way, self.k_shot, self.k_query, self.k_shot_train = n_way, k_shot, k_query, k_shot_train
+        self.n_way, self.k_shot, self.k_query = n_way, k_shot, k_query
+        self.n_way_train = n_way if n_way_train is None else n_way_train
+        self.k_shot_train = k_shot if k_shot_train is None else k_shot_train
+        self.k_query_train = k_query if k_query_train is None else k_query_train
+        self._shapes = {
+            "train": _TaskShape(
+                *(((f"{name}_train" if value is not None else name), getattr(self, f"{name}_train")) for name, value in train_keys.items())
+            ),
+            "eval": _TaskShape(("n_way", n_way), ("k_shot", k_shot), ("k_query", k_query)),
+        }
         self.meta_batch_size, self.eval_batch_size = meta_batch_size, eval_batch_size
         self.batches_per_epoch = batches_per_epoch
         self.n_val_tasks, self.n_test_tasks, self.seed, self.eval_seed = n_val_tasks, n_test_tasks, seed, eval_seed
-        self.mean, self.std, self.channels = mean, std, spec.channels
+        self.mean, self.std, self.channels = mean, std, n_channels
+        self.small_classes, self.source = small_classes, source
         self.num_workers, self.pin_memory, self.persistent_workers = num_workers, pin_memory, persistent_workers
         self.cache_dir, self.download = Path(cache_dir), download
-        self.images_per_class = self.train_classes = self.val_classes = self.test_classes = 0
+        self.images_per_class = self.max_images_per_class = 0
+        self.train_classes = self.val_classes = self.test_classes = 0
         self._spec = spec
         self._datasets: dict[str, EpisodeDataset] = {}
         self._affine: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _load(self) -> dict[str, SplitImages]:
-        """All three splits, building their caches (and downloading Omniglot) when needed."""
-        return self._spec.load(self.root, self.split, self.image_size, self.cache_dir, self.download)
+        """All three splits, building their caches (and downloading, where allowed) when needed."""
+        options = dict(self.source)
+        if self._spec.channels is None:
+            options["channels"] = self.channels
+        return self._spec.load(self.root, self.split, self.image_size, self.cache_dir, self.download, **options)
 
     def prepare_data(self) -> None:
-        """Download (Omniglot, if allowed) and decode every split into the cache once, on one process per node."""
-        self._load()
+        """Download (where allowed), decode every split into the cache and check the tasks fit: setup() on one process per node."""
+        self.setup()
+
+    def _enough_images(self, part: str, data: SplitImages, shape: _TaskShape) -> SplitImages:
+        """The split without its classes too small for k_shot + k_query images (data.small_classes=drop), or DataError."""
+        (shot_key, shots), (query_key, queries) = shape.k_shot, shape.k_query
+        need = shots + queries
+        small = np.flatnonzero(data.counts < need)
+        if not len(small):
+            return data
+        what = f"data.{shot_key}={shots} + data.{query_key}={queries} = {need} images per class"
+        largest = int(data.counts.max())
+        if len(small) == len(data.classes):
+            raise DataError(
+                f"{what}, but the {part} split of {self.dataset} has at most {largest} per class: lower them to "
+                f"sum to at most {largest}."
+            )
+        listed = ", ".join(f"{data.classes[c]!r} ({data.counts[c]})" for c in small[:10])
+        listed += f" and {len(small) - 10} more" if len(small) > 10 else ""
+        counted = f"{len(small)} of the {len(data.classes)} classes of the {part} split of {self.dataset} hold fewer"
+        if self.small_classes == "error":
+            raise DataError(
+                f"{what}, but {counted}: {listed}. Lower them, add images to those classes, or set "
+                "data.small_classes=drop to leave those classes out."
+            )
+        log.warning("%s, but %s; left out (data.small_classes=drop): %s.", what, counted, listed)
+        dropped = set(small.tolist())
+        return data.subset([name for c, name in enumerate(data.classes) if c not in dropped])
 
     def setup(self, stage: str | None = None) -> None:
-        """Load all splits (memory-mapped caches) and check the task shape fits each of them."""
+        """Load all splits (memory-mapped caches) and check the task shapes fit each of them."""
         if self._datasets:
             return
-        splits = self._load()
-        for part, data in splits.items():
-            n_classes, per_class = data.images.shape[:2]
-            if self.n_way > n_classes:
+        loaded = self._load()
+        splits: dict[str, SplitImages] = {}
+        for part in PARTS:
+            shape = self._shapes["train" if part == "train" else "eval"]
+            data = self._enough_images(part, loaded[part], shape)
+            (way_key, n_way), dropped = shape.n_way, len(loaded[part].classes) - len(data.classes)
+            if n_way > len(data.classes):
+                after = f" once the {dropped} with too few images are left out" if dropped else ""
                 raise DataError(
-                    f"data.n_way={self.n_way} but the {part} split of {self.dataset} ({self.split}) has only "
-                    f"{n_classes} classes: lower data.n_way to at most {n_classes}."
+                    f"data.{way_key}={n_way} but the {part} split of {self.dataset} ({self.split}) has only "
+                    f"{len(data.classes)} classes{after}: lower data.{way_key} to at most {len(data.classes)}."
                 )
-            for name, shots in (("k_shot", self.k_shot), ("k_shot_train", self.k_shot_train)):
-                if shots + self.k_query > per_class:
-                    raise DataError(
-                        f"data.{name}={shots} + data.k_query={self.k_query} = {shots + self.k_query} images per "
-                        f"class, but {self.dataset} has {per_class} per class: lower them to sum to at most "
-                        f"{per_class}."
-                    )
-        self.images_per_class = splits["train"].images.shape[1]
-        parts = ("train", "val", "test")
-        self.train_classes, self.val_classes, self.test_classes = (len(splits[p].classes) for p in parts)
-        self._datasets = {
-            part: EpisodeDataset(
-                splits[part].images,
+            splits[part] = data
+        self.train_classes, self.val_classes, self.test_classes = (len(splits[p].classes) for p in PARTS)
+        counts = np.concatenate([splits[p].counts for p in PARTS])
+        self.images_per_class, self.max_images_per_class = int(counts.min()), int(counts.max())
+        if self.mean is None or self.std is None:
+            self.mean, self.std = channel_stats(splits["train"])
+            log.info(
+                "data.mean=%s data.std=%s, computed from the %d training images: set them in the config to skip this pass.",
+                [round(m, 4) for m in self.mean], [round(s, 4) for s in self.std], int(splits["train"].counts.sum()),
+            )
+        self._datasets = {}
+        for part in PARTS:
+            shape = self._shapes["train" if part == "train" else "eval"]
+            data = splits[part]
+            self._datasets[part] = EpisodeDataset(
+                data.images,
                 part,
                 self.seed if part == "train" else self.eval_seed,
-                self.n_way,
-                self.k_shot_train if part == "train" else self.k_shot,
-                self.k_query,
+                shape.n_way[1],
+                shape.k_shot[1],
+                shape.k_query[1],
+                data.starts,
+                data.counts,
             )
-            for part in parts
-        }
 
     def _rank_world(self) -> tuple[int, int]:
         """(global rank, world size) of the attached trainer, (0, 1) without one."""

@@ -13,23 +13,22 @@ same files yields the same tasks. Images are RGB, resized with antialiasing when
 from __future__ import annotations
 
 import csv
-import pickle
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from metalight.data.cache import cache_name, cached, load_cache, write_cache
 from metalight.data.images import (
     ImageRef,
     SplitImages,
+    arrays_to_chw,
     check_equal_counts,
+    class_folders,
     decode_classes,
     file_identity,
     files_digest,
-    folder_images,
-    to_chw,
+    read_pickle,
     zip_images,
 )
 from metalight.errors import DataError
@@ -41,7 +40,7 @@ PICKLE_PART = {"train": "train", "val": "validation", "test": "test"}
 
 def _folder_source(directory: Path) -> tuple[dict[str, list[ImageRef]], list]:
     """Classes of a `<part>/<wnid>/*.jpg` folder and its identity."""
-    classes = {d.name: [ImageRef(str(f)) for f in folder_images(d)] for d in sorted(directory.iterdir()) if d.is_dir()}
+    classes = class_folders(directory)
     return classes, [str(directory.resolve()), files_digest(Path(r.name) for refs in classes.values() for r in refs)]
 
 
@@ -90,12 +89,11 @@ def image_classes(folder: Path, part: str) -> tuple[str, dict[str, list[ImageRef
 
 def _read_pickle(path: Path) -> tuple[np.ndarray, dict]:
     """`image_data` and `class_dict` of a mini-imagenet-cache pickle, checked; DataError when unusable."""
+    data = read_pickle(path)
     try:
-        with path.open("rb") as f:
-            data = pickle.load(f, encoding="latin1")  # latin1: also reads pickles written by Python 2
-        images, class_dict = data["image_data"], dict(data["class_dict"])
-    except Exception as exc:  # unpickling a damaged file can raise nearly any exception type
-        raise DataError(f"cannot read {path} ({type(exc).__name__}: {exc}): replace it with an intact copy.") from exc
+        images, class_dict = data["image_data"], dict(data["class_dict"])  # type: ignore[index]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"{path} holds no `image_data` and `class_dict` ({exc}): replace it with an intact copy.") from exc
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise DataError(f"{path}: image_data must be an N x H x W x 3 uint8 array; replace the file.")
     for wnid, rows in class_dict.items():
@@ -114,11 +112,7 @@ def _cache_pickle(path: Path, cache_dir: Path, name: str, key: dict, image_size:
 
     def fill(out: np.ndarray) -> None:
         for c, wnid in enumerate(tqdm(names, desc=f"caching {path.name}", unit="class", mininterval=1.0)):
-            rows = images[np.asarray(class_dict[wnid])]
-            if rows.shape[1:3] == (image_size, image_size):
-                out[c] = rows.transpose(0, 3, 1, 2)
-            else:
-                out[c] = np.stack([to_chw(Image.fromarray(r), "RGB", image_size) for r in rows])
+            out[c] = arrays_to_chw(images[np.asarray(class_dict[wnid])], image_size)
 
     shape = (len(names), per_class, 3, image_size, image_size)
     return write_cache(cache_dir, name, key, shape, fill, info={"classes": names})
@@ -154,7 +148,7 @@ def load_part(root: Path, part: str, image_size: int, cache_dir: Path) -> SplitI
         key |= {"layout": "pickle", "source": file_identity(pickled)}
         hit = load_cache(cache_dir, name, key)
         array, info = hit if hit is not None else _cache_pickle(pickled, cache_dir, name, key, image_size)
-    return SplitImages(classes=info["classes"], images=array)
+    return SplitImages.dense(info["classes"], array)
 
 
 def load_miniimagenet(

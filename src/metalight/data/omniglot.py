@@ -1,8 +1,9 @@
 """Omniglot (Lake et al. 2015): character images from the two archives, and the Vinyals and Lake splits.
 
 Layout under `<root>/omniglot`: `images_background` and `images_evaluation`, each either the unpacked
-folder or the zip (`<Alphabet>/characterNN/XXXX_YY.png`, read straight from the archive), and for the
-Vinyals split `splits/vinyals/{train,val,test}.txt`.
+folder or the zip (`<Alphabet>/characterNN/XXXX_YY.png`, read straight from the archive). The Vinyals
+split's class lists ship with metalight (splits/omniglot_vinyals/, see splits/README.md); a folder
+`splits/vinyals/` holding `{train,val,test}.txt` there is used instead when it exists.
 
 Images: each 105x105 drawing is resized to image_size x image_size with antialiasing (PIL LANCZOS) and
 inverted, so strokes are bright (255) on a dark background (0).
@@ -28,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from metalight.data.cache import cache_name, cached
+from metalight.data.class_lists import packaged_path, read_class_list
 from metalight.data.images import (
     ImageRef,
     SplitImages,
@@ -102,21 +104,27 @@ def list_characters(folder: Path, download: bool = False) -> tuple[dict[str, lis
     return characters, archive_of, identity
 
 
-def _vinyals_classes(folder: Path, part: str, known: dict[str, list[ImageRef]]) -> list[tuple[str, str, int]]:
-    """(class name, character, quarter turns) per line of splits/vinyals/<part>.txt, each checked for images."""
-    path = folder / "splits" / "vinyals" / f"{part}.txt"
+def vinyals_file(folder: Path, part: str) -> Path:
+    """splits/vinyals/<part>.txt under the Omniglot folder when that folder has splits/vinyals/, else the shipped copy."""
+    user = folder / "splits" / "vinyals"
+    if not user.is_dir():
+        return packaged_path("omniglot_vinyals", part)
+    path = user / f"{part}.txt"
     if not path.is_file():
         raise DataError(
-            f"Vinyals split file {path} not found. The split files are not part of the Omniglot archives: "
-            "they come from the Prototypical Networks repository (github.com/jakesnell/prototypical-networks, "
-            f"data/omniglot/splits/vinyals/{{train,val,test}}.txt); copy them to {path.parent}/, "
-            "or use data.split=lake, which needs no split files."
+            f"Vinyals split file {path} not found, but its folder exists, so it replaces the copy shipped with "
+            f"metalight: restore {{train,val,test}}.txt there (Prototypical Networks repository, "
+            f"data/omniglot/splits/vinyals/), or remove {user}/ to use the shipped lists."
         )
+    return path
+
+
+def _vinyals_classes(folder: Path, part: str, known: dict[str, list[ImageRef]]) -> list[tuple[str, str, int]]:
+    """(class name, character, quarter turns) per line of the Vinyals list of `part`, each checked for images."""
+    path = vinyals_file(folder, part)
     classes = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        character, _, rotation = line.strip().rpartition("/")
+    for number, line in read_class_list(path):
+        character, _, rotation = line.rpartition("/")
         match = _ROTATION.fullmatch(rotation)
         if not match or int(match[1]) % 90 or int(match[1]) >= 360:
             raise DataError(
@@ -125,10 +133,10 @@ def _vinyals_classes(folder: Path, part: str, known: dict[str, list[ImageRef]]) 
             )
         if character not in known:
             raise DataError(
-                f"class {line.strip()!r} of {path} has no images: {character} is in neither images_background "
+                f"class {line!r} of {path} has no images: {character} is in neither images_background "
                 "nor images_evaluation; restore the archives or the original split file."
             )
-        classes.append((line.strip(), character, int(match[1]) // 90))
+        classes.append((line, character, int(match[1]) // 90))
     return classes
 
 
@@ -151,7 +159,7 @@ def _split_images(base: np.ndarray, index: dict[str, int], classes: list[tuple[s
     for k in (1, 2, 3):
         rows = turns == k
         images[rows] = np.rot90(images[rows], k, axes=(-2, -1))
-    return SplitImages(classes=[name for name, _, _ in classes], images=images)
+    return SplitImages.dense([name for name, _, _ in classes], images)
 
 
 def load_omniglot(
