@@ -13,7 +13,7 @@ from lightning.pytorch import LightningDataModule
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Sampler
 
-from metalight.data import miniimagenet, omniglot
+from metalight.data import folder, miniimagenet, omniglot
 from metalight.data.episodes import EpisodeDataset, EvalTaskSampler, TrainTaskSampler
 from metalight.data.images import SplitImages, channel_stats
 from metalight.errors import ConfigError, DataError
@@ -38,6 +38,7 @@ class _DatasetSpec:
 DATASETS = {
     "omniglot": _DatasetSpec(omniglot.load_omniglot, omniglot.SPLITS, channels=1, downloadable=True),
     "miniimagenet": _DatasetSpec(miniimagenet.load_miniimagenet, miniimagenet.SPLITS, channels=3, downloadable=False),
+    "folder": _DatasetSpec(folder.load_folder, folder.SPLITS, None, downloadable=False, options=folder.OPTIONS),
 }
 
 
