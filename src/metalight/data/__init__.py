@@ -1,4 +1,4 @@
-"""Few-shot data: Omniglot and miniImageNet episodes as a LightningDataModule (FewShotDataModule)."""
+"""Few-shot data: Omniglot, miniImageNet, CIFAR-FS, FC100, tieredImageNet, CUB and your own folders as episodes (FewShotDataModule)."""
 
 from metalight.data.datamodule import FewShotDataModule
 from metalight.data.episodes import EpisodeDataset, EvalTaskSampler, TrainTaskSampler

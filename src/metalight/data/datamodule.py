@@ -13,7 +13,7 @@ from lightning.pytorch import LightningDataModule
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Sampler
 
-from metalight.data import folder, miniimagenet, omniglot
+from metalight.data import cifar, cub, folder, miniimagenet, omniglot, tiered_imagenet
 from metalight.data.episodes import EpisodeDataset, EvalTaskSampler, TrainTaskSampler
 from metalight.data.images import SplitImages, channel_stats
 from metalight.errors import ConfigError, DataError
@@ -39,6 +39,10 @@ DATASETS = {
     "omniglot": _DatasetSpec(omniglot.load_omniglot, omniglot.SPLITS, channels=1, downloadable=True),
     "miniimagenet": _DatasetSpec(miniimagenet.load_miniimagenet, miniimagenet.SPLITS, channels=3, downloadable=False),
     "folder": _DatasetSpec(folder.load_folder, folder.SPLITS, None, downloadable=False, options=folder.OPTIONS),
+    "cifar_fs": _DatasetSpec(cifar.load_cifar_fs, cifar.CIFAR_FS_SPLITS, 3, downloadable=True, options=cifar.OPTIONS),
+    "fc100": _DatasetSpec(cifar.load_fc100, cifar.FC100_SPLITS, 3, downloadable=True, options=cifar.OPTIONS),
+    "tiered_imagenet": _DatasetSpec(tiered_imagenet.load_tiered_imagenet, tiered_imagenet.SPLITS, 3, False),
+    "cub": _DatasetSpec(cub.load_cub, cub.SPLITS, 3, downloadable=False, options=cub.OPTIONS),
 }
 
 

@@ -1,0 +1,31 @@
+"""Every data set config composes and instantiates with every algorithm config (and the model its algorithm uses)."""
+
+from pathlib import Path
+
+import pytest
+from hydra.utils import instantiate
+
+from metalight.config import validate_config
+from metalight.data import FewShotDataModule
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+DATA = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))
+ALGOS = sorted(p.stem for p in (CONF / "algo").glob("*.yaml"))
+
+
+def test_every_data_set_has_a_config() -> None:
+    from metalight.data.datamodule import DATASETS
+
+    assert set(DATA) == set(DATASETS)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("data", DATA)
+def test_data_composes_with_algo(compose_train, tmp_path: Path, data: str, algo: str) -> None:
+    overrides = [f"data={data}", f"algo={algo}"] + ([f"data.root={tmp_path}"] if data == "folder" else [])
+    cfg = compose_train(*overrides)
+    validate_config(cfg)
+    datamodule = instantiate(cfg.data)
+    assert isinstance(datamodule, FewShotDataModule) and datamodule.dataset == cfg.data.dataset
+    assert datamodule.channels == cfg.model.in_channels and datamodule.image_size == cfg.model.image_size
+    instantiate(cfg.algo, model=instantiate(cfg.model))
