@@ -67,12 +67,19 @@ def _images(notebook: nbformat.NotebookNode) -> int:
 
 
 @pytest.mark.slow
-def test_episodes_notebook(environment: Path) -> None:
+def test_episodes_notebook(environment: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from synthetic_data import SIZE, write_folder
+
+    folder = write_folder(environment / "mine", {f"class{i}": 2 + i % 3 for i in range(12)})  # ragged: 2-4 images
+    shape = f"data.image_size={SIZE} data.n_way=2 data.k_shot=1 data.k_query=1"
+    monkeypatch.setenv("METALIGHT_DATASETS", f"omniglot; miniimagenet; folder data.root={folder} {shape}; cub")
     notebook = _execute("01_episodes.ipynb")
     text = "".join(out.get("text", "") for cell in notebook.cells for out in cell.get("outputs", []))
     assert "omniglot" in text and "4112" in text  # the real Omniglot train classes
     assert f"{'miniimagenet':<14}{MINI_CLASSES:>8}{MINI_CLASSES:>8}{MINI_CLASSES:>8}" in text  # the slice
-    assert _images(notebook) == 2  # one figure of tasks per data set
+    assert f"{'folder':<14}{8:>8}{2:>8}{2:>8}{'2-4':>14}" in text  # your own data, split 70/15/15%
+    assert "cub: skipped (DataError: CUB-200-2011 not found" in text  # a set whose files are not there
+    assert _images(notebook) == 3  # one figure of tasks per data set shown
 
 
 @pytest.mark.slow
