@@ -62,6 +62,33 @@ def _plain(node: object) -> dict:
     return dict(OmegaConf.to_container(node, resolve=True)) if OmegaConf.is_config(node) else dict(node)  # type: ignore[arg-type]
 
 
+def _channels_and_statistics(
+    dataset: str, spec: _DatasetSpec, channels: int | None, mean: Sequence[float] | None, std: Sequence[float] | None
+) -> tuple[int, list[float] | None, list[float] | None]:
+    """The images' channel count and the per-channel mean/std (None: from the data), checked; ConfigError otherwise."""
+    if spec.channels is None:
+        if channels not in (1, 3):
+            raise ConfigError(f"data.channels={channels!r}: {dataset} images are read as 1 (grey) or 3 (RGB) channels; set one.")
+    elif channels is not None and channels != spec.channels:
+        raise ConfigError(
+            f"data.channels={channels} but {dataset} images have {spec.channels} channel(s): "
+            f"set data.channels={spec.channels}."
+        )
+    n_channels = spec.channels or int(channels)  # type: ignore[arg-type]
+    if (mean is None) != (std is None):
+        raise ConfigError(f"data.mean={mean} / data.std={std}: set both, or both to null (computed from the training images).")
+    if mean is None or std is None:
+        return n_channels, None, None
+    mean, std = [float(m) for m in mean], [float(s) for s in std]
+    if len(mean) != n_channels or len(std) != n_channels:
+        raise ConfigError(
+            f"data.mean={mean} / data.std={std}: {dataset} has {n_channels} channel(s), so each needs {n_channels} value(s)."
+        )
+    if min(std) <= 0:
+        raise ConfigError(f"data.std={std} must be positive in every channel.")
+    return n_channels, mean, std
+
+
 @dataclass(frozen=True)
 class _TaskShape:
     """n_way, k_shot and k_query of one split's tasks, each with the config key that set it (for messages)."""
@@ -133,26 +160,7 @@ class FewShotDataModule(LightningDataModule):
             _check_int(name, value, 1)
         for name, value in (("seed", seed), ("eval_seed", eval_seed), ("num_workers", num_workers)):
             _check_int(name, value, 0)
-        if spec.channels is None:
-            if channels not in (1, 3):
-                raise ConfigError(f"data.channels={channels!r}: {dataset} images are read as 1 (grey) or 3 (RGB) channels; set one.")
-        elif channels is not None and channels != spec.channels:
-            raise ConfigError(
-                f"data.channels={channels} but {dataset} images have {spec.channels} channel(s): "
-                f"set data.channels={spec.channels}."
-            )
-        n_channels = spec.channels or int(channels)  # type: ignore[arg-type]
-        if (mean is None) != (std is None):
-            raise ConfigError(f"data.mean={mean} / data.std={std}: set both, or both to null (computed from the training images).")
-        if mean is not None and std is not None:
-            mean, std = [float(m) for m in mean], [float(s) for s in std]
-            if len(mean) != n_channels or len(std) != n_channels:
-                raise ConfigError(
-                    f"data.mean={mean} / data.std={std}: {dataset} has {n_channels} channel(s), so each needs "
-                    f"{n_channels} value(s)."
-                )
-            if min(std) <= 0:
-                raise ConfigError(f"data.std={std} must be positive in every channel.")
+        n_channels, mean, std = _channels_and_statistics(dataset, spec, channels, mean, std)
         if small_classes not in SMALL_CLASSES:
             raise ConfigError(f"data.small_classes={small_classes!r} is not valid: use error or drop.")
         source = _plain(source)
