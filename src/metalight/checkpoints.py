@@ -58,3 +58,26 @@ def run_dir_of(checkpoint_path: Path) -> Path:
     """The run folder a checkpoint belongs to (the parent of its checkpoints/ folder)."""
     parent = checkpoint_path.resolve().parent
     return parent.parent if parent.name == "checkpoints" else parent
+
+
+def monitored_score(checkpoint: dict[str, Any], monitor: str = "val/acc") -> float | None:
+    """The `monitor` value a ModelCheckpoint saved this checkpoint for (None for last.ckpt and other periodic saves)."""
+    for key, state in checkpoint.get("callbacks", {}).items():
+        if key.startswith("ModelCheckpoint") and state.get("monitor") == monitor and state.get("current_score") is not None:
+            return float(state["current_score"])
+    return None
+
+
+def best_checkpoints(folder: Path, k: int, monitor: str = "val/acc") -> list[Path]:
+    """The k checkpoints of `folder` with the highest `monitor` score, best first; CheckpointError when there are fewer."""
+    scored = []
+    for path in sorted(folder.glob("*.ckpt")):
+        score = monitored_score(load_checkpoint(path), monitor)
+        if score is not None:
+            scored.append((score, path))
+    if len(scored) < k:
+        raise CheckpointError(
+            f"{folder} holds {len(scored)} checkpoint(s) saved for their {monitor}, fewer than ensemble_top_k={k}: "
+            f"train with callbacks.model_checkpoint.save_top_k={k} (or more), or lower ensemble_top_k."
+        )
+    return [path for _, path in sorted(scored, key=lambda item: -item[0])[:k]]

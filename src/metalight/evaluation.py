@@ -10,8 +10,12 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+import torch
+import torch.nn.functional as F
+
+from metalight.algorithms.base import EpisodicModule, mean_and_ci95
 from metalight.checkpoint_io import write_text_atomically
-from metalight.checkpoints import load_checkpoint, resolve_checkpoint, run_dir_of
+from metalight.checkpoints import best_checkpoints, load_checkpoint, resolve_checkpoint, run_dir_of
 from metalight.errors import CheckpointError, ConfigError
 from metalight.training import build
 
@@ -55,32 +59,64 @@ def restore_run_config(checkpoint_path: Path, eval_cfg: DictConfig, override_key
     return run_cfg
 
 
+def _load_weights(algorithm: EpisodicModule, checkpoint: dict[str, Any], path: Path) -> None:
+    """Put a checkpoint's weights into the algorithm built from its run config; CheckpointError when they do not fit."""
+    try:
+        algorithm.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as error:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit the model of its run config "
+            f"({str(error).splitlines()[0][:200]}). Were model.* or data.n_way overridden? Drop those overrides."
+        ) from None
+
+
+def ensemble_results(outputs: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> dict[str, Any]:
+    """Accuracy ± 95% CI over tasks of the members' averaged final query logits (the MAML++ authors average logits).
+
+    outputs[m] is member m's (logits [B, N*Q, N], labels [B, N*Q]) per test batch, the same tasks in the same order.
+    """
+    logits = torch.stack([torch.cat([lg for lg, _ in member]) for member in outputs]).double().mean(dim=0)
+    labels = torch.cat([y for _, y in outputs[0]])
+    accs = (logits.argmax(-1) == labels).double().mean(dim=1)
+    acc, acc_ci95 = mean_and_ci95(float(accs.sum()), float((accs**2).sum()), len(accs))
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten()).item()
+    return {"acc": acc, "acc_ci95": acc_ci95, "loss": loss, "n_tasks": len(accs)}
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Score `cfg.ckpt_path` on the fixed test tasks; save and return mean accuracy, 95% CI, per-step curves."""
+    """Score `cfg.ckpt_path` (or the ensemble of its run's ensemble_top_k best checkpoints) on the fixed test tasks; save and return the results."""
+    top_k = cfg.get("ensemble_top_k", 1)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ConfigError(f"ensemble_top_k={top_k!r} is not valid: use a whole number >= 1 (1 = the checkpoint alone, 5 = MAML++'s ensembles).")
     runs_dir = Path(cfg.paths.log_dir) / "train" / "runs"
     checkpoint_path = resolve_checkpoint(cfg.ckpt_path, runs_dir)
     checkpoint = load_checkpoint(checkpoint_path)
     run_cfg = restore_run_config(checkpoint_path, cfg, _override_keys())
     objects = build(run_cfg)
     algorithm, trainer = objects["algorithm"], objects["trainer"]
-    try:
-        algorithm.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as error:
-        raise CheckpointError(
-            f"checkpoint {checkpoint_path} does not fit the model of its run config "
-            f"({str(error).splitlines()[0][:200]}). Were model.* or data.n_way overridden? Drop those overrides."
-        ) from None
-    trainer.test(algorithm, datamodule=objects["datamodule"], verbose=False)
-    results = {
-        "checkpoint": str(checkpoint_path),
-        "global_step": checkpoint.get("global_step"),
-        "n_test_tasks": run_cfg.data.n_test_tasks,
-        **algorithm.test_results,
-    }
-    out = checkpoint_path.with_name(checkpoint_path.stem + ".test.json")
+    if top_k == 1:
+        _load_weights(algorithm, checkpoint, checkpoint_path)
+        trainer.test(algorithm, datamodule=objects["datamodule"], verbose=False)
+        results = {"checkpoint": str(checkpoint_path), "global_step": checkpoint.get("global_step"), **algorithm.test_results}
+        out = checkpoint_path.with_name(checkpoint_path.stem + ".test.json")
+    else:
+        if trainer.world_size > 1:
+            raise ConfigError("ensemble_top_k > 1 evaluates in one process: set trainer.devices=1.")
+        members = best_checkpoints(checkpoint_path.parent, top_k)
+        algorithm.keep_test_logits = True
+        outputs, member_accs = [], []
+        for path in members:
+            _load_weights(algorithm, load_checkpoint(path), path)
+            trainer.test(algorithm, datamodule=objects["datamodule"], verbose=False)
+            outputs.append(algorithm.test_outputs)
+            member_accs.append(algorithm.test_results["acc"])
+        results = {"members": [str(p) for p in members], "member_accs": member_accs, **ensemble_results(outputs)}
+        out = checkpoint_path.parent / f"top{top_k}.test.json"
+    results["n_test_tasks"] = run_cfg.data.n_test_tasks
     write_text_atomically(out, json.dumps(results, indent=2))
     log.info(
-        "test accuracy %.4f ± %.4f (95%% CI, %d tasks), before adaptation %.4f; saved %s",
-        results["acc"], results["acc_ci95"], results["n_tasks"], results["acc_before"], out,
+        "test accuracy %.4f ± %.4f (95%% CI, %d tasks)%s; saved %s",
+        results["acc"], results["acc_ci95"], results["n_tasks"],
+        f", before adaptation {results['acc_before']:.4f}" if "acc_before" in results else "", out,
     )
     return results

@@ -48,7 +48,7 @@ def require_features_and_head(model: nn.Module, algorithm: str) -> None:
         )
 
 
-def _mean_and_ci95(total: float, total_sq: float, n: int) -> tuple[float, float]:
+def mean_and_ci95(total: float, total_sq: float, n: int) -> tuple[float, float]:
     """Mean and 95% confidence half-width 1.96 * std / sqrt(n) (sample std) from a sum and a sum of squares."""
     mean = total / n
     var = max(total_sq - n * mean * mean, 0.0) / (n - 1) if n > 1 else 0.0
@@ -87,9 +87,9 @@ class EpisodicModule(pl.LightningModule):
         self.nonfinite_streak = 0
         self.nonfinite_total = 0
         self.test_results: dict[str, Any] = {}
-        # eval.py's checkpoint ensembling: the last step's query logits of every test task, in task order
+        # eval.py's checkpoint ensembling: (final query logits, query labels) of each test batch, in task order
         self.keep_test_logits = False
-        self.test_logits: list[Tensor] = []
+        self.test_outputs: list[tuple[Tensor, Tensor]] = []
         self._eval_sums: Tensor | None = None
         self._eval_seen = 0
         self._last_step_start: float | None = None
@@ -234,6 +234,16 @@ class EpisodicModule(pl.LightningModule):
             f"(the run stops after algo.max_nonfinite_steps={self.max_nonfinite_steps} in a row)."
         )
 
+    def on_fit_start(self) -> None:
+        """Refuse training tasks whose number of ways differs from what the model's linear head scores."""
+        head = getattr(self.model, "head", None)
+        ways = getattr(self._trainer.datamodule if self._trainer is not None else None, "n_way_train", None)
+        if isinstance(head, nn.Linear) and isinstance(ways, int) and ways != head.out_features:
+            raise ConfigError(
+                f"training tasks are {ways}-way (data.n_way_train) but the model's head has {head.out_features} outputs "
+                f"(data.n_way): only algo=protonet trains with other ways than it tests; set data.n_way_train=null."
+            )
+
     def on_train_epoch_start(self) -> None:
         """Do not count the pause for validation as training time in train/tasks_per_s."""
         self._last_step_start = None
@@ -244,7 +254,7 @@ class EpisodicModule(pl.LightningModule):
         points = self.eval_loop.steps + 1 if self.adapts else 1
         self._eval_sums = torch.zeros(5 + points, dtype=torch.float64, device=self.device)
         self._eval_seen = 0
-        self.test_logits = []
+        self.test_outputs = []
 
     def _eval_step(self, batch: dict[str, Tensor], stream: str) -> None:
         """Adapt every task of the batch from the meta-parameters, score the query set at each step, add to the sums."""
@@ -261,7 +271,7 @@ class EpisodicModule(pl.LightningModule):
         keep = stream == "test" and self.keep_test_logits
         outcome = self.evaluate_tasks(batch, stream, task_ids, keep_logits=keep)
         if keep:
-            self.test_logits.append(outcome.logits[:, -1].detach().cpu())
+            self.test_outputs.append((outcome.logits[:, -1].detach().cpu(), batch["query_y"].cpu()))
         accs = outcome.accs.detach().double()
         final, before = accs[:, -1], accs[:, 0]
         head = torch.stack([final.new_tensor(float(len(final))), final.sum(), (final**2).sum(), outcome.loss.detach().double().sum(), (before**2).sum()])
@@ -277,10 +287,10 @@ class EpisodicModule(pl.LightningModule):
         n = int(sums[0])
         if n == 0:
             return {}
-        acc, acc_ci95 = _mean_and_ci95(sums[1], sums[2], n)
+        acc, acc_ci95 = mean_and_ci95(sums[1], sums[2], n)
         results: dict[str, Any] = {"acc": acc, "acc_ci95": acc_ci95, "loss": sums[3] / n, "n_tasks": n}
         if self.adapts:
-            acc_before, acc_before_ci95 = _mean_and_ci95(sums[5], sums[4], n)
+            acc_before, acc_before_ci95 = mean_and_ci95(sums[5], sums[4], n)
             results |= {"acc_before": acc_before, "acc_before_ci95": acc_before_ci95, "acc_steps": [s / n for s in sums[5:]]}
         logged = {f"{stage}/{k}": v for k, v in results.items() if k not in ("acc", "n_tasks", "acc_steps")}
         logged.update({f"{stage}/acc_step{k}": v for k, v in enumerate(results.get("acc_steps", []))})
