@@ -1,4 +1,8 @@
-"""A train.py run killed with SIGKILL and resumed with ckpt_path=last ends with the very parameters of an uninterrupted run."""
+"""Every algorithm's train.py run killed with SIGKILL and resumed from its last.ckpt ends with the very state of an uninterrupted run.
+
+The killed runs are real `python train.py` processes, one per algorithm, started together; the resumed and the
+uninterrupted runs go through the same `train()` in this process (one thread everywhere, so the same arithmetic).
+"""
 
 import os
 import signal
@@ -9,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import open_dict
 
 from metalight.checkpoints import load_checkpoint
 from metalight.errors import CheckpointError
@@ -19,24 +24,28 @@ MAX_STEPS = 12
 # a small network and small tasks keep a meta-step near 0.1 s on a CPU
 TINY = [
     f"trainer.max_steps={MAX_STEPS}", "data.batches_per_epoch=4", "data.meta_batch_size=2", "data.k_query=2",
-    "data.n_val_tasks=2", "data.eval_batch_size=2", "model.hidden=8", "algo.eval_inner_steps=1", "data.num_workers=0",
+    "data.n_val_tasks=2", "data.eval_batch_size=2", "model.hidden=8", "data.num_workers=0",
     "data.persistent_workers=false", "++trainer.enable_progress_bar=false", "callbacks.last_checkpoint.every_n_steps=1",
     "logger=csv", "test=false", "trainer.accelerator=cpu",  # exact resume is a CPU promise
 ]
+# each algorithm with what makes its state worth resuming: learned step sizes (Meta-SGD, MAML++), per-step
+# BatchNorm weights and running statistics and the MSL epoch (MAML++), a learning-rate schedule (ProtoNets)
+ALGORITHMS = {
+    "maml": ["algo=maml", "algo.eval_inner_steps=1"],
+    "anil": ["algo=anil", "algo.eval_inner_steps=1"],
+    "metasgd": ["algo=metasgd"],
+    "mamlpp": ["algo=mamlpp", "algo.inner_steps=2", "algo.eval_inner_steps=2", "algo.msl_epochs=2", "algo.transductive=false"],
+    "protonet": ["algo=protonet", "algo.scheduler.step_size=3"],
+}
 
 
-def _command(tmp_path: Path, *overrides: str) -> list[str]:
-    return [sys.executable, str(ROOT / "train.py"), f"paths.log_dir={tmp_path / 'logs'}", *TINY, *overrides]
+def _command(log_dir: Path, *overrides: str) -> list[str]:
+    return [sys.executable, str(ROOT / "train.py"), f"paths.log_dir={log_dir}", *TINY, *overrides]
 
 
 def _env(data_dir: Path, cache_dir: Path) -> dict:
     # one thread per process: faster on a small shared machine, and the same reductions in every run; GPUs hidden
     return dict(os.environ, DATA_DIR=str(data_dir), METALIGHT_CACHE=str(cache_dir), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-
-
-def _last(tmp_path: Path, task_name: str) -> Path:
-    (path,) = (tmp_path / "logs" / task_name / "runs").glob("*/checkpoints/last.ckpt")
-    return path
 
 
 def _step(path: Path) -> int:
@@ -47,32 +56,44 @@ def _step(path: Path) -> int:
         return -1
 
 
+def _last(log_dir: Path) -> list[Path]:
+    return list(log_dir.glob("train/runs/*/checkpoints/last.ckpt"))
+
+
 @pytest.mark.slow
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, data_dir, cache_dir):
-    env = _env(data_dir, cache_dir)
-    reference = subprocess.run(_command(tmp_path, "task_name=reference"), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert reference.returncode == 0, (reference.stdout + reference.stderr)[-3000:]
-
-    job = subprocess.Popen(_command(tmp_path), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    runs, deadline = tmp_path / "logs" / "train" / "runs", time.monotonic() + 240
-    while job.poll() is None and time.monotonic() < deadline:
-        if any(_step(path) >= 2 for path in runs.glob("*/checkpoints/last.ckpt")):
-            break
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, data_dir, cache_dir, compose_train, one_thread):
+    jobs = {
+        name: subprocess.Popen(_command(tmp_path / name, *extra), cwd=tmp_path, env=_env(data_dir, cache_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for name, extra in ALGORITHMS.items()
+    }
+    running, deadline = set(jobs), time.monotonic() + 300
+    while running and time.monotonic() < deadline:
+        for name in list(running):
+            if jobs[name].poll() is not None or any(_step(path) >= 2 for path in _last(tmp_path / name)):
+                jobs[name].send_signal(signal.SIGKILL)  # no handler runs: whatever was on disk is all there is
+                running.discard(name)
         time.sleep(0.02)
-    job.send_signal(signal.SIGKILL)  # no handler runs: whatever was on disk is all there is
-    job.communicate(timeout=60)
-    assert job.returncode == -signal.SIGKILL, f"the run ended before it could be killed: {job.returncode}"
-    killed_at = _step(_last(tmp_path, "train"))
-    assert 2 <= killed_at < MAX_STEPS
+    for name, job in jobs.items():
+        _, error = job.communicate(timeout=60)
+        assert job.returncode == -signal.SIGKILL, f"{name}: the run ended before it could be killed ({job.returncode}): {error[-2000:]}"
 
-    resumed = subprocess.run(_command(tmp_path, "ckpt_path=last"), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
-    newest = max(runs.glob("*/checkpoints/last.ckpt"), key=lambda path: path.stat().st_mtime)
-    expected, got = load_checkpoint(_last(tmp_path, "reference")), load_checkpoint(newest)
-    assert got["global_step"] == expected["global_step"] == MAX_STEPS
-    assert expected["state_dict"].keys() == got["state_dict"].keys()
-    for name, value in expected["state_dict"].items():
-        assert torch.equal(value, got["state_dict"][name]), f"{name} differs after resuming from step {killed_at}"
+    def run(out: str, *overrides: str) -> dict:
+        cfg = compose_train(*TINY, *overrides)
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / out)
+        _, objects = train(cfg)
+        return objects["algorithm"].state_dict()
+
+    for name, extra in ALGORITHMS.items():
+        (killed,) = _last(tmp_path / name)
+        killed_at = _step(killed)
+        assert 2 <= killed_at < MAX_STEPS, name
+        expected = run(f"{name}-reference", *extra)
+        got = run(f"{name}-resumed", *extra, f"ckpt_path={killed}")
+        assert load_checkpoint(tmp_path / f"{name}-resumed" / "checkpoints" / "last.ckpt")["global_step"] == MAX_STEPS
+        assert expected.keys() == got.keys()
+        for key, value in expected.items():
+            assert torch.equal(value, got[key]), f"{name}: {key} differs after resuming from step {killed_at}"
 
 
 @pytest.mark.parametrize("content, expected", [(None, "does not exist"), (b"PK\x03\x04trunc", "cannot be read"), ("foreign", "not written by a metalight run")])

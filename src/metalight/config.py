@@ -25,6 +25,8 @@ _INT_MINIMUMS = {
     "data.num_workers": 0,
     "algo.inner_steps": 0,
     "algo.eval_inner_steps": 0,
+    "algo.msl_epochs": 0,
+    "algo.da_epochs": 0,
     "trainer.max_steps": -1,
     "trainer.max_epochs": -1,
     "trainer.log_every_n_steps": 1,
@@ -61,6 +63,22 @@ def validate_config(cfg: DictConfig) -> None:
             f"data.meta_batch_size={batch} does not split evenly over {world} processes "
             f"(trainer.devices x trainer.num_nodes): choose a multiple of {world}."
         )
+    _check_epoch_schedules(cfg)
+
+
+def _check_epoch_schedules(cfg: DictConfig) -> None:
+    """MAML++'s MSL and DA phases (algo.msl_epochs, algo.da_epochs) must end within the run."""
+    steps, per_epoch = _value(cfg, "trainer.max_steps"), _value(cfg, "data.batches_per_epoch")
+    if not isinstance(steps, int) or steps <= 0 or not isinstance(per_epoch, int) or per_epoch <= 0:
+        return
+    epochs = -(-steps // per_epoch)
+    for switch, key in (("algo.msl", "algo.msl_epochs"), ("algo.da", "algo.da_epochs")):
+        value = _value(cfg, key)
+        if _value(cfg, switch) is True and isinstance(value, int) and value > epochs:
+            raise ConfigError(
+                f"{key}={value} reaches beyond the run, which has {epochs} epochs (trainer.max_steps={steps} / "
+                f"data.batches_per_epoch={per_epoch}): set {key} to at most {epochs}, or train longer."
+            )
 
 
 def _world_size(cfg: DictConfig) -> int:

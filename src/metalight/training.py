@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,19 +15,26 @@ from omegaconf import DictConfig, OmegaConf
 from metalight.checkpoint_io import ensure_writable
 from metalight.checkpoints import load_checkpoint, resolve_checkpoint
 from metalight.config import validate_config
-from metalight.errors import MetalightError
+from metalight.errors import ConfigError, MetalightError
 from metalight.sweep_summary import record_results, run_results
 
 log = logging.getLogger(__name__)
 
 
-def _instantiate(node: DictConfig, **kwargs: Any) -> Any:
-    """hydra.utils.instantiate, letting our own errors from a constructor through unwrapped (one clear line)."""
+def _instantiate(node: DictConfig, group: str = "", **kwargs: Any) -> Any:
+    """hydra.utils.instantiate, letting our own errors through unwrapped and naming a key the target does not take (one clear line)."""
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as error:
         if isinstance(error.__cause__, MetalightError):
             raise error.__cause__ from None
+        unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(error.__cause__))
+        if group and isinstance(error.__cause__, TypeError) and unexpected:
+            key = f"{group}.{unexpected[1]}"
+            raise ConfigError(
+                f"{key} is not an option of {node.get('_target_')}: remove it (`~{key}`). An experiment= file written for "
+                f"another {group} may set it: use the experiment made for this one (conf/experiment/, e.g. quick_omniglot_<algo>)."
+            ) from None
         raise
 
 
@@ -41,8 +49,8 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     """Instantiate datamodule, model, algorithm, callbacks, loggers and trainer from a composed config."""
     validate_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule = _instantiate(cfg.data)
-    algorithm = _instantiate(cfg.algo, model=_instantiate(cfg.model))
+    datamodule = _instantiate(cfg.data, "data")
+    algorithm = _instantiate(cfg.algo, "algo", model=_instantiate(cfg.model, "model"))
     callbacks = _instantiate_group(cfg.get("callbacks"))
     loggers = _instantiate_group(cfg.get("logger"))
     trainer = _instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
