@@ -34,26 +34,27 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("metalight_cache")
 
 
-@pytest.fixture
-def compose_train(data_dir: Path, cache_dir: Path, tmp_path: Path):
-    """Compose conf/train.yaml with overrides, shrunk for a CPU test, outputs under tmp_path."""
+@pytest.fixture(scope="session")
+def compose_in(data_dir: Path, cache_dir: Path):
+    """compose(folder, *overrides): conf/train.yaml (or config_name) shrunk for a test on `accelerator` (the CPU
+    unless told), with the real data and the session's cache, outputs under folder; for fixtures of any scope."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    def _compose(*overrides: str, config_name: str = "train"):
+    def _compose(folder: Path, *overrides: str, config_name: str = "train", accelerator: str = "cpu"):
         GlobalHydra.instance().clear()
         with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
             cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
         with open_dict(cfg):
             cfg.paths.data_dir = str(data_dir)
             cfg.paths.cache_dir = str(cache_dir)
-            cfg.paths.log_dir = str(tmp_path / "logs")
-            cfg.paths.output_dir = str(tmp_path / "run")
-            cfg.hydra.runtime.output_dir = str(tmp_path / "run")
+            cfg.paths.log_dir = str(folder / "logs")
+            cfg.paths.output_dir = str(folder / "run")
+            cfg.hydra.runtime.output_dir = str(folder / "run")
             if "trainer" in cfg:
-                cfg.trainer.accelerator = "cpu"
+                cfg.trainer.accelerator = accelerator
                 cfg.trainer.enable_progress_bar = False
             if "data" in cfg:
                 cfg.data.num_workers = 0
@@ -63,6 +64,15 @@ def compose_train(data_dir: Path, cache_dir: Path, tmp_path: Path):
         return cfg
 
     yield _compose
+    GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def compose_train(compose_in, tmp_path: Path):
+    """Compose conf/train.yaml with overrides, shrunk for a CPU test (accelerator=... to choose), outputs under tmp_path."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    yield lambda *overrides, **options: compose_in(tmp_path, *overrides, **options)
     GlobalHydra.instance().clear()
 
 
