@@ -39,6 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("tests", "meta_step", "protocol")
 # seconds each part may take at most; the whole check stays within --budget
 LIMITS = {"tests": 180, "meta_step": 150, "protocol": 200}
+# a part that ignores SIGTERM at its limit is killed this much later
+KILL_AFTER_S = 20
 # the protocol run's time outside training: start, cache, validations, the test on 600 tasks
 PROTOCOL_OVERHEAD_S = 75
 REQUIRED = ("torch", "lightning", "tensorboard", "numpy", "PIL", "torchvision", "tqdm", "pytest", "yaml")
@@ -123,14 +125,14 @@ def data_root(report: Report, given: str | None) -> Path:
 
 # ---- running one part --------------------------------------------------------------------------------------
 def run_part(command: list[str], limit: float, env: dict[str, str], log: Path) -> tuple[int, float]:
-    """Run `command` under `timeout` (SIGTERM at `limit` s, SIGKILL 20 s later), output to `log`: (status, seconds)."""
+    """Run `command` under `timeout` (SIGTERM at `limit` s, SIGKILL KILL_AFTER_S later), output to `log`: (status, seconds)."""
     if shutil.which("timeout"):
-        command = ["timeout", "--kill-after=20", str(int(limit)), *command]
+        command = ["timeout", f"--kill-after={KILL_AFTER_S}", str(int(limit)), *command]
     start = time.monotonic()
     with open(log, "w") as output:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            status = process.wait(timeout=limit + 30)
+            status = process.wait(timeout=limit + KILL_AFTER_S + 5)
         except subprocess.TimeoutExpired:  # no coreutils timeout, or it could not stop the command
             os.killpg(process.pid, signal.SIGKILL)
             status = process.wait()
@@ -202,17 +204,18 @@ def part_protocol(report: Report, limit: float, env: dict[str, str], out: Path) 
     status, seconds = run_part(command, limit, env, out / "protocol.log")
     results = _read_json(run / "results.json")
     speeds = _column(run / "csv" / "metrics.csv", "train/tasks_per_s")
+    test_tasks = _config_value(run / ".hydra" / "config.yaml", "data", "n_test_tasks")
     line = report.emit(
         part="protocol", experiment="maml_omniglot_5w1s", max_time_s=train_s, status=status, seconds=round(seconds, 1),
         global_step=results.get("global_step"), tasks_per_s_median=round(statistics.median(speeds), 1) if speeds else None,
         tasks_per_s_max=round(max(speeds), 1) if speeds else None, best_val_acc=results.get("best_val_acc"),
-        test_acc=results.get("test_acc"), test_acc_ci95=results.get("test_acc_ci95"), run_dir=str(run),
+        test_acc=results.get("test_acc"), test_acc_ci95=results.get("test_acc_ci95"), test_tasks=test_tasks, run_dir=str(run),
     )
     if status != 0 or line["test_acc"] is None:
         return False, f"exit status {status} after {seconds:.0f} s (see {out / 'protocol.log'})"
     return True, (
         f"{line['global_step']} meta-steps in {train_s} s, {line['tasks_per_s_median']} tasks/s (median), "
-        f"test {100 * line['test_acc']:.2f} ± {100 * line['test_acc_ci95']:.2f}% (600 tasks), best val {100 * line['best_val_acc']:.2f}%"
+        f"test {100 * line['test_acc']:.2f} ± {100 * line['test_acc_ci95']:.2f}% ({test_tasks} tasks), best val {100 * line['best_val_acc']:.2f}%"
     )
 
 
@@ -228,6 +231,16 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+
+
+def _config_value(path: Path, group: str, key: str) -> object:
+    """cfg[group][key] of a run's saved config, or None."""
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text())[group][key]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return None
 
 
 def _column(path: Path, name: str) -> list[float]:
@@ -281,7 +294,7 @@ def main() -> None:
     start, words, passed = time.monotonic(), {}, True
     runners = {"tests": part_tests, "meta_step": part_meta_step, "protocol": part_protocol}
     for name in args.parts:
-        limit = min(LIMITS[name], deadline - time.monotonic())  # the limits add up to less than the default budget
+        limit = min(LIMITS[name], deadline - time.monotonic() - KILL_AFTER_S)  # so that even a killed part ends in time
         if limit < 20:
             report.emit(part=name, skipped=True, reason="out of time")
             ok, words[name] = False, "skipped: out of time"
