@@ -179,10 +179,10 @@ def part_meta_step(report: Report, limit: float, env: dict[str, str], out: Path)
     for text in (out / "meta_step.log").read_text().splitlines():
         if text.startswith("{"):
             lines.append(report.emit(part="meta_step", **json.loads(text)))
-    vmap = next((x for x in lines if (x["algo"], x["case"], x["path"]) == ("maml", "omniglot_5w1s", "vmap")), None)
-    overhead = next((x for x in lines if x["path"] == "lightning"), None)
+    vmap = next((x for x in lines if (x.get("algo"), x.get("case"), x.get("path")) == ("maml", "omniglot_5w1s", "vmap")), None)
+    overhead = next((x for x in lines if x.get("path") == "lightning" and "lightning_overhead" in x), None)
     words = f"{len(lines)} figures in {seconds:.0f} s" + (" (out of time)" if status == 124 else "" if status == 0 else f" (exit status {status})")
-    if vmap:
+    if vmap and {"tasks_per_s", "ratio_vs_reference", "peak_mib"} <= vmap.keys():
         words += f"; MAML vmap Omniglot 5w1s {vmap['tasks_per_s']:.0f} tasks/s ({vmap['ratio_vs_reference']:.1f}x the reference), peak {vmap['peak_mib']:.0f} MiB"
     if overhead:
         words += f"; Lightning overhead {100 * overhead['lightning_overhead']:.1f}%"
