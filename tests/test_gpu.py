@@ -29,6 +29,8 @@ from metalight.evaluation import evaluate
 from metalight.models import Conv4
 from metalight.training import train
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small CPU ops: extra threads only slow them down
+
 ROOT = Path(__file__).resolve().parents[1]
 F64 = torch.float64
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -78,7 +80,7 @@ TOLERANCE = {torch.float32: dict(loss=1e-5, grads=1e-4), F64: dict(loss=1e-10, g
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["float32", "float64"])
 @pytest.mark.parametrize("where", ["cpu-tiny", pytest.param("cuda-tiny", marks=ON_GPU), pytest.param("cuda-omniglot", marks=ON_GPU)])
-def test_vmap_and_loop_agree(where, dtype, full_float32, one_thread, record_property):
+def test_vmap_and_loop_agree(where, dtype, full_float32, record_property):
     device, case = where.split("-")
     model, batch = _case(case, device, dtype)
     loop = InnerLoop(steps=2, lr=0.4, first_order=False)
@@ -96,7 +98,7 @@ def test_vmap_and_loop_agree(where, dtype, full_float32, one_thread, record_prop
 
 @pytest.mark.parametrize("path", ["loop", "vmap"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_second_order_meta_gradient_matches_finite_differences(device, path, one_thread, record_property):
+def test_second_order_meta_gradient_matches_finite_differences(device, path, record_property):
     model = tiny_conv4(dtype=F64).to(device)
     batch = _to(make_batch(2, dtype=F64), device)
     loop = InnerLoop(steps=3, lr=0.3, first_order=False)
