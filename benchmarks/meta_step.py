@@ -1,19 +1,37 @@
-"""Meta-step throughput of MAML, FOMAML and Reptile: metalight's vmap and loop paths against a learn2learn-style loop.
+"""Meta-step throughput of metalight's algorithms: their vmap and loop paths against a learn2learn-style loop.
 
     python benchmarks/meta_step.py [--device cpu|cuda] [--repeats 5] [--threads 1] [--cases ...] [--algos ...] [--paths ...]
 
 Prints one JSON object per line: {"algo", "case", "path", "device", "meta_batch", "tasks_per_s",
-"peak_mib", "ratio_vs_reference", ...}, then one line comparing a full Lightning training step with
+"peak_mib", "ratio_vs_reference", "reference", ...}, then one line comparing a full Lightning training step with
 the raw meta-step (`"path": "lightning"`, `lightning_overhead` = extra time per step / raw time).
 
+* --algos: maml, fomaml, reptile (the default: the rows of RESULTS.md, within `make gpu-check`'s time
+  budget) and, on request, anil, metasgd, mamlpp, protonet.
 * Inputs are random tensors of the shapes of each case; the network is model=conv4 (64 filters on
   Omniglot, 32 on miniImageNet); k_query is 15 as in conf/data/*.yaml.
-* One meta-step = adapt every task, meta-gradient, outer Adam (MAML) / SGD (Reptile) step. metalight's
-  step is what MAML/Reptile.training_step computes on a step whose train metrics are not logged
-  (query accuracy before adaptation is then skipped; see EpisodicModule._logging_this_step).
-* reference: written here in the style of learn2learn (per task: clone the module, autograd.grad with
-  create_graph for second order, query loss, backward per task; Reptile: deepcopy + torch.optim.Adam
-  per task), timed in the same process. With learn2learn importable, its MAML is timed too.
+* One meta-step = adapt every task, meta-gradient, outer step: Adam(lr=1e-3) over every meta-parameter
+  (learned step sizes and MAML++'s per-step BatchNorm weights included), SGD(lr=1) for Reptile.
+  metalight's step runs the algorithm's own code: its LightningModule, built with task_parallel = the
+  path, and `compute_meta_gradient(batch, measure=False)` between zero_grad and the Adam step. That is
+  what training_step computes on a step whose train metrics are not logged (query accuracy before
+  adaptation is then skipped; see EpisodicModule._logging_this_step), less its finite check, clipping
+  and logging, which the "lightning" line measures. Reptile's compute_meta_gradient all-reduces through
+  a trainer's strategy, so its step is written here from metalight.algorithms.functional, as Reptile
+  computes it on one process.
+* Inner loops: the case's inner LR and steps for every gradient-based learner, Meta-SGD (whose paper
+  takes one step; its step sizes start at the inner LR) and MAML++ included, so that the rows of a case
+  compare. MAML++ runs with all its fixes but CA (an outer LR schedule over trainer.max_steps, which
+  needs a trainer): MSL at its epoch-0 weights, BNRS, BNWB, LSLR.
+* reference: written here in the style of learn2learn's examples (not their code), timed in the same
+  process. Per task: MAML clones the module, adapts it with autograd.grad (create_graph for second
+  order) and backpropagates the query loss; ANIL runs model.features once on the support and once on
+  the query set and adapts a clone of model.head only; Meta-SGD adapts with p - alpha_p * g, its alphas
+  parameters of the reference too; ProtoNets embed support and query with model.features, average each
+  class's support embeddings in a Python loop and score -squared distances; Reptile deepcopies the model
+  and runs torch.optim.Adam. MAML++ has no learn2learn counterpart: its ratio is against the MAML
+  reference with the same inner steps (the field "reference" names the algorithm the reference path
+  runs). With learn2learn importable, its MAML is timed too (maml and fomaml rows).
 * tasks_per_s: meta_batch / median seconds per meta-step over `--repeats` steps after one warm-up,
   the paths taking turns. Seconds are CPU time of this process on CPU (so that other jobs on a
   shared machine do not count; with --threads 1 it equals wall time on an idle machine), wall time
@@ -27,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import importlib.util
 import json
 import statistics
@@ -40,8 +59,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metalight.algorithms.functional import InnerLoop, loop_meta_gradient, make_task_fn, run_tasks, split_state
+from metalight.algorithms import ANIL, MAML, EpisodicModule, MAMLpp, MetaSGD, ProtoNet
+from metalight.algorithms.base import OptimizerFactory
+from metalight.algorithms.functional import InnerLoop, make_task_fn, run_tasks, split_state
 from metalight.models import Conv4
+
+Batch = dict[str, Tensor]
 
 # name: (channels, image size, n_way, k_shot, k_query, meta_batch, inner steps, conv4 filters)
 CASES = {
@@ -49,13 +72,19 @@ CASES = {
     "omniglot_20w1s": (1, 28, 20, 1, 15, 16, 5, 64),
     "miniimagenet_5w1s": (3, 84, 5, 1, 15, 4, 5, 32),
 }
-ALGOS = ("maml", "fomaml", "reptile")
+DEFAULT_ALGOS = ("maml", "fomaml", "reptile")
+ALGOS = (*DEFAULT_ALGOS, "anil", "metasgd", "mamlpp", "protonet")
 PATHS = ("vmap", "loop", "reference")
-# inner learning rates of the papers' configs (MAML Omniglot / miniImageNet; Reptile's Adam)
+# inner learning rates of the papers' configs (MAML Omniglot / miniImageNet; Reptile's Adam), for every
+# gradient-based learner: the rows of one case then differ only in the algorithm
 INNER_LR = {"omniglot": 0.4, "miniimagenet": 0.01, "reptile": 1e-3}
+# the LightningModules of the learners with a gradient inner loop (MAML++'s CA schedule needs a trainer: off)
+LEARNERS = {"maml": MAML, "fomaml": MAML, "anil": ANIL, "metasgd": MetaSGD, "mamlpp": functools.partial(MAMLpp, ca=False)}
+ADAM = functools.partial(torch.optim.Adam, lr=1e-3)  # the outer optimizer of every algorithm but Reptile
+OUTER_SGD = functools.partial(torch.optim.SGD, lr=1.0)  # Reptile's: the step is then exactly theta - mean phi
 
 
-def make_case(name: str, device: torch.device) -> tuple[nn.Module, dict[str, Tensor]]:
+def make_case(name: str, device: torch.device) -> tuple[nn.Module, Batch]:
     """The network and one random meta-batch of case `name` (labels class-major, as the data contract says)."""
     channels, size, n_way, k_shot, k_query, meta_batch, _, hidden = CASES[name]
     torch.manual_seed(0)
@@ -70,43 +99,63 @@ def make_case(name: str, device: torch.device) -> tuple[nn.Module, dict[str, Ten
 
 
 def inner_loop(algo: str, case: str) -> InnerLoop:
-    """The training inner loop of `algo` on `case` (Reptile: Adam with beta1 = 0 on the whole support set)."""
+    """The training inner loop of `algo` on `case`: SGD of the case's LR (Reptile: Adam with beta1 = 0), whole support set."""
     steps = CASES[case][6]
     if algo == "reptile":
         return InnerLoop(steps=steps, lr=INNER_LR["reptile"], optimizer="adam")
     return InnerLoop(steps=steps, lr=INNER_LR[case.split("_")[0]], first_order=algo == "fomaml")
 
 
-# ---- metalight: what training_step computes, without Lightning ------------------------------------
-def metalight_step(algo: str, case: str, path: str, model: nn.Module) -> Callable[[dict[str, Tensor]], None]:
-    """One meta-step through metalight.algorithms.functional on `path`."""
+# ---- metalight: the algorithms' own meta-step, without a Trainer -----------------------------------
+class MetaStep:
+    """One meta-step: zero the grads, `meta_gradient(batch)` leaves the meta-gradient in .grad, the outer optimizer steps.
+
+    The meta-gradient is kept apart from the step, and the parameters by name, so that a test can
+    compare what metalight and the reference compute on the same batch.
+    """
+
+    def __init__(self, parameters: dict[str, nn.Parameter], meta_gradient: Callable[[Batch], Any], optimizer: OptimizerFactory = ADAM) -> None:
+        self.parameters = parameters
+        self.meta_gradient = meta_gradient
+        self.optimizer = optimizer(list(parameters.values()))
+
+    def __call__(self, batch: Batch) -> None:
+        """The timed unit: what one outer step of training costs, zero_grad to optimizer step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.meta_gradient(batch)
+        self.optimizer.step()
+
+
+def build_algorithm(algo: str, case: str, path: str, model: nn.Module) -> EpisodicModule:
+    """metalight's LightningModule of `algo` on `path`, with the case's inner loop (it may rebuild `model`: MAML++, ProtoNets)."""
+    if algo == "protonet":
+        return ProtoNet(model, task_parallel=path)
     loop = inner_loop(algo, case)
+    return LEARNERS[algo](model, inner_lr=loop.lr, inner_steps=loop.steps, first_order=loop.first_order, task_parallel=path)
+
+
+def metalight_step(algo: str, case: str, path: str, model: nn.Module) -> MetaStep:
+    """One meta-step through the algorithm's compute_meta_gradient, then Adam over all its parameters."""
+    # built before its parameters are taken: MAML++ swaps BatchNorm for per-step BatchNorm and adds step sizes
+    algorithm = build_algorithm(algo, case, path, model).to(next(model.parameters()).device)
+    # Lightning's manual_backward needs a Trainer; on one device in 32-bit precision it comes down to loss.backward()
+    algorithm.manual_backward = lambda loss, *args, **kwargs: loss.backward(*args, **kwargs)
+    return MetaStep(dict(algorithm.named_parameters()), lambda batch: algorithm.compute_meta_gradient(batch, measure=False))
+
+
+def reptile_step(case: str, path: str, model: nn.Module) -> MetaStep:
+    """Reptile's meta-step as Reptile.compute_meta_gradient takes it on one process (its own all-reduces through a trainer)."""
+    loop = inner_loop("reptile", case)
     params, fixed = split_state(model)
-    if algo == "reptile":
-        task_fn = make_task_fn(model, fixed, loop, path, record="none", return_params=True)
-        outer = torch.optim.SGD(model.parameters(), lr=1.0)
+    task_fn = make_task_fn(model, fixed, loop, path, record="none", return_params=True)
 
-        def reptile(batch: dict[str, Tensor]) -> None:
-            theta = {k: v.detach() for k, v in params.items()}
-            phis = run_tasks(task_fn, theta, batch, None, path, second_order=False).params
-            for k, p in params.items():
-                p.grad = theta[k] - phis[k].mean(dim=0)
-            outer.step()
+    def meta_gradient(batch: Batch) -> None:
+        theta = {k: v.detach() for k, v in params.items()}
+        phis = run_tasks(task_fn, theta, batch, None, path, second_order=False).params
+        for k, p in params.items():
+            p.grad = theta[k] - phis[k].mean(dim=0)
 
-        return reptile
-    task_fn = make_task_fn(model, fixed, loop, path, record="last")
-    outer = torch.optim.Adam(model.parameters(), lr=1e-3)
-
-    def maml(batch: dict[str, Tensor]) -> None:
-        outer.zero_grad(set_to_none=True)
-        if path == "vmap":
-            run_tasks(task_fn, params, batch, None, path, second_order=not loop.first_order).loss.mean().backward()
-        else:
-            grads = loop_meta_gradient(task_fn, params, batch)[1]
-            sum((p * grads[k]).sum() for k, p in params.items()).backward()
-        outer.step()
-
-    return maml
+    return MetaStep(params, meta_gradient, OUTER_SGD)
 
 
 # ---- reference: learn2learn-style, written for this benchmark -------------------------------------
@@ -119,84 +168,147 @@ def clone_module(module: nn.Module) -> nn.Module:
     return clone
 
 
-def sgd_update(module: nn.Module, grads: dict[str, Tensor], lr: float) -> None:
-    """Replace each parameter of a cloned module by p - lr * grad (keeps the graph to the original)."""
-    for name, grad in grads.items():
-        *path, leaf = name.split(".")
-        owner = module
-        for part in path:
-            owner = owner._modules[part]
-        owner._parameters[leaf] = owner._parameters[leaf] - lr * grad
+def set_parameter(module: nn.Module, name: str, value: Tensor) -> None:
+    """Put `value` (a non-leaf tensor, keeping its graph) in place of parameter `name` of a cloned module."""
+    *path, leaf = name.split(".")
+    for part in path:
+        module = module._modules[part]
+    module._parameters[leaf] = value
 
 
-def reference_step(algo: str, case: str, model: nn.Module) -> Callable[[dict[str, Tensor]], None]:
-    """One meta-step the way learn2learn's examples write it."""
-    loop = inner_loop(algo, case)
-    if algo == "reptile":
-        outer = torch.optim.SGD(model.parameters(), lr=1.0)
+def inner_sgd(learner: nn.Module, x: Tensor, y: Tensor, loop: InnerLoop, lr: float | dict[str, Tensor]) -> None:
+    """loop.steps SGD steps of a cloned module on (x, y): w - lr * g, lr one number or one tensor per weight (Meta-SGD)."""
+    for _ in range(loop.steps):
+        names, weights = zip(*learner.named_parameters())
+        grads = torch.autograd.grad(F.cross_entropy(learner(x), y), weights, create_graph=not loop.first_order)
+        for name, weight, grad in zip(names, weights, grads):
+            set_parameter(learner, name, weight - (lr[name] if isinstance(lr, dict) else lr) * grad)
 
-        def reptile(batch: dict[str, Tensor]) -> None:
-            n_tasks = batch["support_x"].shape[0]
-            for p in model.parameters():
-                p.grad = torch.zeros_like(p)
-            for i in range(n_tasks):
-                learner = copy.deepcopy(model)
-                inner = torch.optim.Adam(learner.parameters(), lr=loop.lr, betas=(0.0, 0.999))
-                for _ in range(loop.steps):
-                    inner.zero_grad()
-                    F.cross_entropy(learner(batch["support_x"][i]), batch["support_y"][i]).backward()
-                    inner.step()
-                for p, phi in zip(model.parameters(), learner.parameters()):
-                    p.grad.add_((p.detach() - phi.detach()) / n_tasks)
-            outer.step()
 
-        return reptile
-    outer = torch.optim.Adam(model.parameters(), lr=1e-3)
+def per_task(task_loss: Callable[[Batch], Tensor]) -> Callable[[Batch], None]:
+    """learn2learn's outer loop: each task's query loss / B is backpropagated as soon as the task is adapted."""
 
-    def maml(batch: dict[str, Tensor]) -> None:
-        outer.zero_grad(set_to_none=True)
+    def meta_gradient(batch: Batch) -> None:
         n_tasks = batch["support_x"].shape[0]
         for i in range(n_tasks):
-            learner = clone_module(model)
+            (task_loss({k: v[i] for k, v in batch.items()}) / n_tasks).backward()
+
+    return meta_gradient
+
+
+def sgd_reference(model: nn.Module, loop: InnerLoop, step_sizes: dict[str, nn.Parameter] | None = None) -> MetaStep:
+    """Per task: clone the model, adapt it with SGD (loop.lr, or learned per-weight step_sizes), query loss."""
+
+    def task_loss(task: Batch) -> Tensor:
+        learner = clone_module(model)
+        inner_sgd(learner, task["support_x"], task["support_y"], loop, loop.lr if step_sizes is None else step_sizes)
+        return F.cross_entropy(learner(task["query_x"]), task["query_y"])
+
+    learned = {f"step_sizes.{name}": alpha for name, alpha in (step_sizes or {}).items()}
+    return MetaStep({**dict(model.named_parameters()), **learned}, per_task(task_loss))
+
+
+def maml_reference(algo: str, case: str, model: nn.Module) -> MetaStep:
+    """MAML or FOMAML; MAML++'s reference too (learn2learn has no MAML++): MAML with the same inner loop."""
+    return sgd_reference(model, inner_loop(algo, case))
+
+
+def metasgd_reference(algo: str, case: str, model: nn.Module) -> MetaStep:
+    """Meta-SGD: a step size per weight entry, starting at the inner LR, meta-learned with the weights."""
+    loop = inner_loop(algo, case)
+    return sgd_reference(model, loop, {name: nn.Parameter(torch.full_like(p, loop.lr)) for name, p in model.named_parameters()})
+
+
+def anil_reference(algo: str, case: str, model: nn.Module) -> MetaStep:
+    """ANIL: the body once on the support and once on the query set, a clone of the head adapted on the embeddings."""
+    loop = inner_loop(algo, case)
+
+    def task_loss(task: Batch) -> Tensor:
+        support, query = model.features(task["support_x"]), model.features(task["query_x"])
+        head = clone_module(model.head)
+        inner_sgd(head, support, task["support_y"], loop, loop.lr)
+        return F.cross_entropy(head(query), task["query_y"])
+
+    return MetaStep(dict(model.named_parameters()), per_task(task_loss))
+
+
+def protonet_reference(algo: str, case: str, model: nn.Module) -> MetaStep:
+    """ProtoNets: support and query embedded as one batch, prototypes as class means, logits -squared distances."""
+    n_way = CASES[case][2]
+
+    def task_loss(task: Batch) -> Tensor:
+        n_support = len(task["support_x"])
+        embedded = model.features(torch.cat([task["support_x"], task["query_x"]]))
+        support, query = embedded[:n_support], embedded[n_support:]
+        centers = torch.stack([support[task["support_y"] == c].mean(dim=0) for c in range(n_way)])
+        logits = -(query.unsqueeze(1) - centers.unsqueeze(0)).pow(2).sum(dim=2)
+        return F.cross_entropy(logits, task["query_y"])
+
+    return MetaStep({k: p for k, p in model.named_parameters() if k.startswith("features.")}, per_task(task_loss))
+
+
+def reptile_reference(algo: str, case: str, model: nn.Module) -> MetaStep:
+    """Reptile: per task a deepcopy trained by torch.optim.Adam; .grad = theta - mean of the adapted weights."""
+    loop = inner_loop(algo, case)
+
+    def meta_gradient(batch: Batch) -> None:
+        n_tasks = batch["support_x"].shape[0]
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        for i in range(n_tasks):
+            learner = copy.deepcopy(model)
+            inner = torch.optim.Adam(learner.parameters(), lr=loop.lr, betas=(0.0, 0.999))
             for _ in range(loop.steps):
-                loss = F.cross_entropy(learner(batch["support_x"][i]), batch["support_y"][i])
-                names, weights = zip(*learner.named_parameters())
-                grads = torch.autograd.grad(loss, weights, create_graph=not loop.first_order)
-                sgd_update(learner, dict(zip(names, grads)), loop.lr)
-            (F.cross_entropy(learner(batch["query_x"][i]), batch["query_y"][i]) / n_tasks).backward()
-        outer.step()
+                inner.zero_grad()
+                F.cross_entropy(learner(batch["support_x"][i]), batch["support_y"][i]).backward()
+                inner.step()
+            for p, phi in zip(model.parameters(), learner.parameters()):
+                p.grad.add_((p.detach() - phi.detach()) / n_tasks)
 
-    return maml
+    return MetaStep(dict(model.named_parameters()), meta_gradient, OUTER_SGD)
 
 
-def learn2learn_step(algo: str, case: str, model: nn.Module) -> Callable[[dict[str, Tensor]], None]:
+def learn2learn_step(algo: str, case: str, model: nn.Module) -> MetaStep:
     """One MAML meta-step with learn2learn itself (only when it is installed)."""
     import learn2learn
 
     loop = inner_loop(algo, case)
     wrapped = learn2learn.algorithms.MAML(model, lr=loop.lr, first_order=loop.first_order)
-    outer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
-    def maml(batch: dict[str, Tensor]) -> None:
-        outer.zero_grad(set_to_none=True)
-        n_tasks = batch["support_x"].shape[0]
-        for i in range(n_tasks):
-            learner = wrapped.clone()
-            for _ in range(loop.steps):
-                learner.adapt(F.cross_entropy(learner(batch["support_x"][i]), batch["support_y"][i]))
-            (F.cross_entropy(learner(batch["query_x"][i]), batch["query_y"][i]) / n_tasks).backward()
-        outer.step()
+    def task_loss(task: Batch) -> Tensor:
+        learner = wrapped.clone()
+        for _ in range(loop.steps):
+            learner.adapt(F.cross_entropy(learner(task["support_x"]), task["support_y"]))
+        return F.cross_entropy(learner(task["query_x"]), task["query_y"])
 
-    return maml
+    return MetaStep(dict(model.named_parameters()), per_task(task_loss))
 
 
-def build_step(algo: str, case: str, path: str, model: nn.Module) -> Callable[[dict[str, Tensor]], None]:
+REFERENCES = {
+    "maml": maml_reference, "fomaml": maml_reference, "mamlpp": maml_reference, "anil": anil_reference,
+    "metasgd": metasgd_reference, "protonet": protonet_reference, "reptile": reptile_reference,
+}
+# the algorithm each reference path runs, where it is not the row's own ("reference" in the JSON lines)
+REFERENCE_ALGO = {"mamlpp": "maml"}
+
+
+def build_step(algo: str, case: str, path: str, model: nn.Module) -> MetaStep:
     """The meta-step of one (algo, case, path)."""
     if path == "reference":
-        return reference_step(algo, case, model)
+        return REFERENCES[algo](algo, case, model)
     if path == "learn2learn":
         return learn2learn_step(algo, case, model)
+    if algo == "reptile":
+        return reptile_step(case, path, model)
     return metalight_step(algo, case, path, model)
+
+
+def paths_of(algo: str, requested: list[str]) -> list[str]:
+    """The requested paths, the reference always, and learn2learn's own MAML for maml/fomaml where it is installed."""
+    paths = list(dict.fromkeys([*requested, "reference"]))
+    if algo in ("maml", "fomaml") and importlib.util.find_spec("learn2learn"):
+        paths.append("learn2learn")
+    return paths
 
 
 # ---- measuring ----------------------------------------------------------------------------------
@@ -208,7 +320,7 @@ def clock(device: torch.device) -> float:
     return time.process_time()
 
 
-def seconds_per_step(steps: dict[str, Callable[[dict[str, Tensor]], None]], batch: dict[str, Tensor], device: torch.device, repeats: int) -> dict[str, float]:
+def seconds_per_step(steps: dict[str, Callable[[Batch], None]], batch: Batch, device: torch.device, repeats: int) -> dict[str, float]:
     """Median seconds of one meta-step per path; paths take turns (side by side) after one warm-up step each."""
     for step in steps.values():
         step(batch)
@@ -261,8 +373,6 @@ def lightning_overhead(case: str, device: torch.device, repeats: int) -> dict[st
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader
 
-    from metalight.algorithms import MAML
-
     model, batch = make_case(case, device)
     path = "vmap" if device.type == "cuda" else "loop"
     raw = seconds_per_step({path: metalight_step("maml", case, path, model)}, batch, device, repeats)[path]
@@ -274,8 +384,7 @@ def lightning_overhead(case: str, device: torch.device, repeats: int) -> dict[st
             starts.append(clock(device))
 
     cpu_batch = {k: v.cpu() for k, v in batch.items()}
-    loop = inner_loop("maml", case)
-    algorithm = MAML(make_case(case, device)[0], inner_lr=loop.lr, inner_steps=loop.steps, task_parallel=path)
+    algorithm = build_algorithm("maml", case, path, make_case(case, device)[0])
     trainer = pl.Trainer(
         accelerator=device.type, devices=1, max_steps=repeats + 2, inference_mode=False, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=10,
@@ -299,7 +408,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed meta-steps per measurement (median)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: fair on a shared machine)")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    parser.add_argument("--algos", nargs="+", default=list(ALGOS), choices=ALGOS)
+    parser.add_argument("--algos", nargs="+", default=list(DEFAULT_ALGOS), choices=ALGOS, help="default: %(default)s")
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS, help="reference is always timed")
     parser.add_argument("--no-lightning", action="store_true", help="skip the Lightning overhead measurement")
     parser.add_argument("--probe", nargs=3, metavar=("ALGO", "CASE", "PATH"), help=argparse.SUPPRESS)
@@ -310,15 +419,11 @@ def main() -> None:
         return
 
     device = torch.device(args.device)
-    paths = tuple(dict.fromkeys([*args.paths, "reference"])) + (("learn2learn",) if importlib.util.find_spec("learn2learn") else ())
     for case in args.cases:
         meta_batch = CASES[case][5]
         for algo in args.algos:
             model, batch = make_case(case, device)
-            steps = {}
-            for path in paths:
-                if not (path == "learn2learn" and algo == "reptile"):
-                    steps[path] = build_step(algo, case, path, copy.deepcopy(model))
+            steps = {path: build_step(algo, case, path, copy.deepcopy(model)) for path in paths_of(algo, args.paths)}
             seconds = seconds_per_step(steps, batch, device, args.repeats)
             for path in steps:
                 line = {
@@ -326,6 +431,7 @@ def main() -> None:
                     "tasks_per_s": round(meta_batch / seconds[path], 2),
                     "peak_mib": round(peak_mib(algo, case, path, device, args.threads), 1),
                     "ratio_vs_reference": round(seconds["reference"] / seconds[path], 3),
+                    "reference": REFERENCE_ALGO.get(algo, algo),
                     "threads": args.threads if device.type == "cpu" else None,
                 }
                 print(json.dumps(line), flush=True)
