@@ -27,7 +27,16 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from metalight.algorithms.functional import InnerLoop, TaskOutcome, TaskPath, make_task_fn, resolve_task_parallel, run_tasks, split_state
+from metalight.algorithms.functional import (
+    InnerLoop,
+    TaskOutcome,
+    TaskPath,
+    loop_meta_gradient,
+    make_task_fn,
+    resolve_task_parallel,
+    run_tasks,
+    split_state,
+)
 from metalight.errors import ConfigError, MetalightError
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -142,6 +151,27 @@ class EpisodicModule(pl.LightningModule):
         path = self.path()
         task_fn = make_task_fn(self.model, fixed, loop, path, **self.inner_options(training), **options)
         return run_tasks(task_fn, params, batch, indices, path, second_order=not loop.first_order)
+
+    def meta_backward(
+        self, task_fn: Callable[..., TaskOutcome], params: dict[str, Tensor], batch: dict[str, Tensor], second_order: bool, extra: dict[str, Tensor] | None = None
+    ) -> TaskOutcome:
+        """Backpropagate the meta-batch's mean query loss through manual_backward (DDP averages it); return the outcomes.
+
+        vmap: one backward through all tasks. loop: each task differentiated as soon as it is adapted (one
+        task's graph alive at a time), then a surrogate linear in the meta-parameters, whose gradient is
+        exactly that meta-gradient, goes through manual_backward. `extra`: tensors task_fn uses by closure
+        that are meta-parameters too (learned step sizes).
+        """
+        path = self.path()
+        if path == "vmap":
+            outcome = run_tasks(task_fn, params, batch, None, path, second_order=second_order)
+            self.manual_backward(outcome.loss.mean())
+            return outcome
+        extra = extra or {}
+        outcome, grads, extra_grads = loop_meta_gradient(task_fn, params, batch, extra)
+        surrogate = sum((p * grads[k]).sum() for k, p in params.items())
+        self.manual_backward(surrogate + sum((e * extra_grads[k]).sum() for k, e in extra.items()))
+        return outcome
 
     def evaluate_tasks(self, batch: dict[str, Tensor], stream: str, task_ids: list[int], keep_logits: bool = False) -> TaskOutcome:
         """Score the query sets of a batch of val/test tasks: accs [B, P] (P = eval_loop.steps + 1, step 0 = before adaptation).

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from metalight.algorithms.base import EpisodicModule, OptimizerFactory, SchedulerFactory
-from metalight.algorithms.functional import InnerLoop, TaskOutcome, loop_meta_gradient, make_task_fn, run_tasks, split_state
+from metalight.algorithms.functional import InnerLoop, TaskOutcome, make_task_fn, split_state
 
 
 class MAML(EpisodicModule):
@@ -62,18 +62,7 @@ class MAML(EpisodicModule):
     def compute_meta_gradient(self, batch: dict[str, Tensor], measure: bool) -> TaskOutcome:
         """Adapt all tasks from the meta-parameters and backpropagate the mean query loss (DDP averages it)."""
         params, fixed = split_state(self.model)
-        path, loop = self.path(), self.current_train_loop()
+        loop = self.current_train_loop()
         options = self.inner_options(training=True)
-        task_fn = make_task_fn(self.model, fixed, loop, path, record="ends" if measure else "last", loss_weights=self.loss_weights(), **options)
-        if path == "vmap":
-            outcome = run_tasks(task_fn, params, batch, None, path, second_order=not loop.first_order)
-            self.manual_backward(outcome.loss.mean())
-            return outcome
-        step_sizes = options.get("step_sizes", {})
-        outcome, grads, step_size_grads = loop_meta_gradient(task_fn, params, batch, step_sizes)
-        # DDP averages gradients during the backward pass manual_backward runs: a surrogate linear in
-        # the meta-parameters, whose gradient is exactly the meta-gradient computed above, goes through it
-        surrogate = sum((p * grads[k]).sum() for k, p in params.items())
-        surrogate = surrogate + sum((s * step_size_grads[k]).sum() for k, s in step_sizes.items())
-        self.manual_backward(surrogate)
-        return outcome
+        task_fn = make_task_fn(self.model, fixed, loop, self.path(), record="ends" if measure else "last", loss_weights=self.loss_weights(), **options)
+        return self.meta_backward(task_fn, params, batch, second_order=not loop.first_order, extra=options.get("step_sizes"))

@@ -75,19 +75,18 @@ class ProtoNet(EpisodicModule):
 
         return run
 
-    def _run(self, batch: dict[str, Tensor], keep_logits: bool = False) -> TaskOutcome:
-        """Every task of the batch through task_fn, by vmap or a loop."""
-        n_way = int(batch["support_y"][0].max()) + 1
-        params, _ = split_state(self.model)
-        return run_tasks(self.task_fn(n_way, keep_logits), params, batch, None, self.path(), second_order=False)
+    @staticmethod
+    def n_way_of(batch: dict[str, Tensor]) -> int:
+        """Ways of the batch's tasks (labels are 0..n_way-1; training and evaluation tasks may differ)."""
+        return int(batch["support_y"][0].max()) + 1
 
     def compute_meta_gradient(self, batch: dict[str, Tensor], measure: bool) -> TaskOutcome:
         """Backpropagate the mean query loss of the meta-batch (DDP averages it)."""
-        outcome = self._run(batch)
-        self.manual_backward(outcome.loss.mean())
-        return outcome
+        params, _ = split_state(self.model)
+        return self.meta_backward(self.task_fn(self.n_way_of(batch)), params, batch, second_order=False)
 
     def evaluate_tasks(self, batch: dict[str, Tensor], stream: str, task_ids: list[int], keep_logits: bool = False) -> TaskOutcome:
         """Query accuracy of each task from its prototypes: accs [B, 1] (nothing to adapt, no gradients)."""
+        params, _ = split_state(self.model)
         with torch.no_grad():
-            return self._run(batch, keep_logits)
+            return run_tasks(self.task_fn(self.n_way_of(batch), keep_logits), params, batch, None, self.path(), second_order=False)
