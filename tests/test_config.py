@@ -1,26 +1,49 @@
-"""Every algorithm x data set composes and instantiates; bad config values fail with a clear message."""
+"""Every algorithm x data set x model composes and instantiates; unsupported combinations and bad values fail with a clear message."""
+
+from pathlib import Path
 
 import pytest
 from hydra.utils import instantiate
 from lightning.pytorch import LightningDataModule, LightningModule
+from omegaconf import OmegaConf, open_dict
 
 from metalight.config import validate_config
 from metalight.errors import ConfigError
+from metalight.training import build, train
 
-ALGOS = ["maml", "fomaml", "reptile"]
-DATASETS = ["omniglot", "miniimagenet"]
+CONF = Path(__file__).resolve().parents[1] / "conf"
+ALGOS = sorted(p.stem for p in (CONF / "algo").glob("*.yaml"))
+DATASETS = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))
+MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+_NODES: dict[tuple[str, str], dict] = {}
+
+
+def _node(compose_train, group: str, option: str) -> dict:
+    """The unresolved config of one option of a group (composed once per test session)."""
+    if (group, option) not in _NODES:
+        where = ["data.root=/any/folder"] if option == "folder" else []  # the one data set without a default location
+        _NODES[group, option] = OmegaConf.to_container(compose_train(f"{group}={option}", *where)[group], resolve=False)
+    return _NODES[group, option]
+
+
+@pytest.mark.parametrize("data", DATASETS)
+def test_every_data_set_instantiates(compose_train, data):
+    cfg = compose_train(f"data={data}", *(["data.root=/any/folder"] if data == "folder" else []))
+    validate_config(cfg)
+    assert isinstance(instantiate(cfg.data), LightningDataModule)
 
 
 @pytest.mark.parametrize("algo", ALGOS)
-@pytest.mark.parametrize("data", DATASETS)
-def test_every_combination_instantiates(compose_train, algo, data):
-    cfg = compose_train(f"algo={algo}", f"data={data}")
-    validate_config(cfg)
-    datamodule = instantiate(cfg.data)
-    algorithm = instantiate(cfg.algo, model=instantiate(cfg.model))
+def test_every_algorithm_builds_on_every_data_set_and_model(compose_train, algo):
+    cfg = compose_train(f"algo={algo}")
+    for data in DATASETS:
+        for model in MODELS:
+            with open_dict(cfg):
+                cfg.data, cfg.model = _node(compose_train, "data", data), _node(compose_train, "model", model)
+            validate_config(cfg)
+            algorithm = instantiate(cfg.algo, model=instantiate(cfg.model))
+            assert isinstance(algorithm, LightningModule) and not algorithm.automatic_optimization, (data, model)
     trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
-    assert isinstance(datamodule, LightningDataModule)
-    assert isinstance(algorithm, LightningModule) and not algorithm.automatic_optimization
     assert trainer.max_steps == cfg.trainer.max_steps
 
 
@@ -37,3 +60,26 @@ def test_bad_values_name_the_key(compose_train, override, key):
     cfg = compose_train(override, "trainer.devices=2")
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate_config(cfg)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["algo=maml", "data.n_way_train=20"], r"training tasks are 20-way \(data.n_way_train\) but the model's head has 5 outputs"),
+        (["algo=reptile", "data.n_way_train=3"], "only algo=protonet trains with other ways"),
+        (["experiment=quick_omniglot", "algo=protonet"], r"algo.inner_lr is not an option of metalight.algorithms.ProtoNet"),
+        (["algo=mamlpp", "algo.msl_epochs=30", "trainer.max_steps=1000", "data.batches_per_epoch=100"], "algo.msl_epochs=30 reaches beyond the run, which has 10 epochs"),
+        (["algo=mamlpp", "algo.da=true", "algo.da_epochs=11", "trainer.max_steps=1000", "data.batches_per_epoch=100"], "algo.da_epochs=11"),
+        (["algo=metasgd", "algo.inner_lr=5"], "algo.inner_lr=5 is not a sane initial learned step size"),
+        (["algo=protonet", "data.k_shot=0"], "data.k_shot=0"),
+    ],
+)
+def test_unsupported_combinations_stop_with_one_clear_error(compose_train, overrides, message):
+    cfg = compose_train(*overrides, "debug=fast_dev_run", "logger=csv")
+    with pytest.raises(ConfigError, match=message):
+        train(cfg)
+
+
+def test_the_checks_run_before_anything_is_built(compose_train):
+    with pytest.raises(ConfigError, match="msl_epochs"):
+        build(compose_train("algo=mamlpp", "algo.msl_epochs=99", "trainer.max_steps=10"))

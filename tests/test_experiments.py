@@ -4,12 +4,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.utils import instantiate
 
-from metalight.checkpoints import load_checkpoint
+from metalight.checkpoints import load_checkpoint, monitored_score
 from metalight.config import validate_config
 from metalight.errors import CheckpointError
-from metalight.evaluation import evaluate
+from metalight.evaluation import ensemble_results, evaluate
 from metalight.training import train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -53,7 +54,7 @@ def short_quick_run(tmp_path_factory, data_dir, cache_dir):
             "train",
             overrides=[
                 "experiment=quick_omniglot", "trainer.max_steps=200", "data.batches_per_epoch=100",
-                "data.n_val_tasks=50", "data.n_test_tasks=100", "trainer.accelerator=cpu",
+                "data.n_val_tasks=50", "data.n_test_tasks=100", "trainer.accelerator=cpu", "callbacks.model_checkpoint.save_top_k=2",
                 "trainer.enable_progress_bar=false", "logger=csv",
             ],
             return_hydra_config=True,
@@ -103,3 +104,30 @@ def test_eval_rejects_bad_checkpoints(tmp_path, compose_train):
         load_checkpoint(truncated)
     with pytest.raises(CheckpointError, match="does not exist"):
         evaluate(compose_train(f"ckpt_path={tmp_path / 'missing.ckpt'}", config_name="eval"))
+
+
+def test_ensemble_scores_the_averaged_logits_per_task():
+    labels = torch.tensor([[0, 1], [0, 1]])
+    confident_wrong = torch.tensor([[[0.0, 3.0], [0.0, 3.0]], [[3.0, 0.0], [0.0, 3.0]]])  # task 0: 1/2 right, task 1: 2/2
+    mildly_right = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [1.0, 0.0]]])  # task 0: 2/2, task 1: 1/2
+    results = ensemble_results([[(confident_wrong, labels)], [(mildly_right, labels)]])
+    # averaged: task 0 -> [[0.5, 1.5], [0, 2]]: 1/2 right; task 1 -> [[2, 0], [0.5, 1.5]]: 2/2 right
+    assert results["acc"] == pytest.approx(0.75) and results["n_tasks"] == 2
+    assert results["acc_ci95"] == pytest.approx(1.96 * torch.tensor([0.5, 1.0]).std().item() / 2**0.5)
+
+
+@pytest.mark.slow
+def test_eval_ensembles_the_best_checkpoints(short_quick_run, compose_train):
+    _, _, objects = short_quick_run
+    folder = Path(objects["trainer"].checkpoint_callback.best_model_path).parent
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("metalight.evaluation._override_keys", lambda: [])
+        results = evaluate(compose_train(f"ckpt_path={folder / 'last.ckpt'}", "ensemble_top_k=2", config_name="eval"))
+        singles = [evaluate(compose_train(f"ckpt_path={member}", config_name="eval"))["acc"] for member in results["members"]]
+        with pytest.raises(CheckpointError, match="save_top_k=3"):
+            evaluate(compose_train(f"ckpt_path={folder / 'last.ckpt'}", "ensemble_top_k=3", config_name="eval"))
+    scores = [monitored_score(load_checkpoint(member), Path(member)) for member in results["members"]]
+    assert len(scores) == 2 and None not in scores and scores[0] >= scores[1]  # the best two, best first
+    assert results["member_accs"] == pytest.approx(singles)
+    assert results["n_tasks"] == 100 and 0.5 < results["acc"] <= 1.0
+    assert json.loads((folder / "top2.test.json").read_text())["acc"] == pytest.approx(results["acc"])

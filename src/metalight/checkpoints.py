@@ -60,11 +60,16 @@ def run_dir_of(checkpoint_path: Path) -> Path:
     return parent.parent if parent.name == "checkpoints" else parent
 
 
-def monitored_score(checkpoint: dict[str, Any], monitor: str = "val/acc") -> float | None:
-    """The `monitor` value a ModelCheckpoint saved this checkpoint for (None for last.ckpt and other periodic saves)."""
+def monitored_score(checkpoint: dict[str, Any], path: Path, monitor: str = "val/acc") -> float | None:
+    """The `monitor` value the ModelCheckpoint that wrote the file `path` kept it for; None for last.ckpt and other saves.
+
+    A top-k checkpoint lists itself among its callback's best_k_models (by file name: the run folder may have moved).
+    """
     for key, state in checkpoint.get("callbacks", {}).items():
-        if key.startswith("ModelCheckpoint") and state.get("monitor") == monitor and state.get("current_score") is not None:
-            return float(state["current_score"])
+        if key.startswith("ModelCheckpoint") and state.get("monitor") == monitor:
+            for kept, score in (state.get("best_k_models") or {}).items():
+                if Path(kept).name == path.name:
+                    return float(score)
     return None
 
 
@@ -72,7 +77,7 @@ def best_checkpoints(folder: Path, k: int, monitor: str = "val/acc") -> list[Pat
     """The k checkpoints of `folder` with the highest `monitor` score, best first; CheckpointError when there are fewer."""
     scored = []
     for path in sorted(folder.glob("*.ckpt")):
-        score = monitored_score(load_checkpoint(path), monitor)
+        score = monitored_score(load_checkpoint(path), path, monitor)
         if score is not None:
             scored.append((score, path))
     if len(scored) < k:
