@@ -239,3 +239,19 @@ def test_plain_maml_is_unchanged_by_the_family_hooks():
     expected = reference_maml_gradient(theta, make_batch(3, seed=0, dtype=F64), lr=0.3, steps=2, first_order=False)
     for (k, g), e in zip(grads.items(), expected):
         torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-11, msg=k)
+
+
+def test_evaluation_beyond_the_training_steps_reuses_the_last_row_and_step_size():
+    algorithm = build("mamlpp", steps=2, dtype=torch.float32)
+    algorithm.eval_loop = dataclasses.replace(algorithm.eval_loop, steps=4)
+    assert all(m.weight.shape[0] == 2 for m in algorithm.model.modules() if isinstance(m, StepBatchNorm2d))
+    sizes = algorithm.step_sizes.by_weight(detached=True)
+    assert {len(v) for v in sizes.values()} == {2}
+    with torch.no_grad():
+        for v in sizes.values():
+            v.copy_(torch.tensor([0.0, 0.1]))  # no move at step 1, then 0.1 at every later step
+    outcome = algorithm.evaluate_tasks(make_batch(2), "val", [0, 1], keep_logits=True)
+    assert outcome.accs.shape == (2, 5)
+    # step 1 moved nothing (its step size is 0): the logits before and after it are the same, later ones differ
+    torch.testing.assert_close(outcome.logits[:, 1], outcome.logits[:, 0])
+    assert not torch.allclose(outcome.logits[:, 4], outcome.logits[:, 2])

@@ -200,11 +200,15 @@ def _init_state(params: Params, loop: InnerLoop) -> dict[str, Params]:
 
 
 def _step_size(loop: InnerLoop, step_sizes: Params, name: str, step: int) -> Tensor | float:
-    """The SGD step size of weight `name` at inner step `step` (from 1): loop.lr, or a learned one."""
+    """The SGD step size of weight `name` at inner step `step` (from 1): loop.lr, or a learned one.
+
+    Per-step sizes beyond the learned ones (evaluating with more steps than training) repeat the last.
+    """
     if loop.learned_lr == "per_parameter":
         return step_sizes[name]
     if loop.learned_lr == "per_step":
-        return step_sizes[name][step - 1]
+        sizes = step_sizes[name]
+        return sizes[min(step, len(sizes)) - 1]
     return loop.lr
 
 

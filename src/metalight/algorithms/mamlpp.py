@@ -10,8 +10,9 @@ differ, and why:
   meta-step (the authors update them task by task, so they would differ between DDP ranks), and with
   transductive=false evaluation normalizes with them; with transductive=true it uses batch
   statistics, as the authors' code always does;
-* the per-step tables have max(inner_steps, eval_inner_steps) rows, so evaluation may take more steps
-  than training (rows beyond the training steps keep their initial values).
+* evaluation may take more inner steps than training: its extra steps reuse the last trained row of the
+  per-step BatchNorm tables and the last learned step size (the authors' tables have one row per training
+  step and evaluate with as many steps).
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ class MAMLpp(MAML):
             raise ConfigError(f"algo.min_lr={min_lr!r} is not valid: use a number >= 0, the outer LR that cosine annealing ends at.")
         if ca and scheduler is not None:
             raise ConfigError("algo.ca=true is the outer LR schedule: set algo.scheduler=null, or algo.ca=false to use your scheduler.")
-        rows = max(inner_steps, eval_inner_steps, 1) if isinstance(inner_steps, int) and isinstance(eval_inner_steps, int) else 1
+        rows = max(inner_steps, 1) if isinstance(inner_steps, int) else 1  # one per training step
         if (bnrs or bnwb) and use_step_batch_norm(model, rows, per_step_weights=bnwb, per_step_statistics=bnrs) == 0:
             raise ConfigError(
                 f"algo.bnrs / algo.bnwb need BatchNorm2d layers, and {type(model).__name__} has none: "
