@@ -255,3 +255,13 @@ def test_evaluation_beyond_the_training_steps_reuses_the_last_row_and_step_size(
     # step 1 moved nothing (its step size is 0): the logits before and after it are the same, later ones differ
     torch.testing.assert_close(outcome.logits[:, 1], outcome.logits[:, 0])
     assert not torch.allclose(outcome.logits[:, 4], outcome.logits[:, 2])
+
+
+def test_learned_step_sizes_are_logged_as_their_mean():
+    metasgd = build("metasgd", steps=1, dtype=torch.float32)
+    with torch.no_grad():
+        for i, size in enumerate(metasgd.step_sizes.sizes.values()):
+            size.fill_(0.1 * (i % 2))
+    sizes = torch.cat([s.flatten() for s in metasgd.step_sizes.sizes.values()])
+    assert metasgd.mean_inner_lr() == pytest.approx(sizes.mean().item())
+    assert MAML(tiny_conv4(), inner_lr=0.25).mean_inner_lr() == 0.25

@@ -230,8 +230,8 @@ class EpisodicModule(pl.LightningModule):
 
         batch_size = batch["support_x"].shape[0]
         metrics = {"train/grad_norm": grad_norm, "train/outer_lr": outer_lr, "train/nonfinite_steps": float(self.nonfinite_total)}
-        if self.train_loop is not None:
-            metrics["train/inner_lr"] = float(self.train_loop.lr)
+        if measure and self.train_loop is not None:
+            metrics["train/inner_lr"] = self.mean_inner_lr()
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=batch_size)
         if self._last_step_start is not None:  # throughput between consecutive step starts (data time included)
             tasks_per_s = batch_size * self.world_size / max(start - self._last_step_start, 1e-9)
@@ -241,6 +241,13 @@ class EpisodicModule(pl.LightningModule):
             if self.adapts:
                 self.log("train/acc_before", reduced[2], on_step=True, on_epoch=False, batch_size=batch_size)
             self.log_dict({"train/loss": loss, "train/acc": reduced[1]}, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
+
+    def mean_inner_lr(self) -> float:
+        """train/inner_lr: the configured inner step size, or the mean of the learned ones (Meta-SGD, MAML++ LSLR)."""
+        sizes = self.inner_options(training=False).get("step_sizes")
+        if sizes:
+            return float(torch.cat([s.flatten() for s in sizes.values()]).mean())
+        return float(self.train_loop.lr)
 
     def _logging_this_step(self) -> bool:
         """Whether Lightning writes this step's metrics (log_every_n_steps): query accuracies are measured only then."""
