@@ -32,7 +32,7 @@ def _job(sweep: Path, num: int, overrides: list[str], results: dict | None = Non
 
 
 def test_summary_lists_every_job_in_order(tmp_path):
-    done = {"best_val_acc": 0.5, "test_acc": 0.4567, "test_acc_ci95": 0.0123, "global_step": 2}
+    done = {"best_val_acc": 0.5, "test_acc": 0.4567, "test_acc_ci95": 0.0123, "global_step": 2, "wall_time_s": 245.4}
     _job(tmp_path, 10, ["seed=1", "algo=reptile"], done, {"status": "completed", "error": None})
     _job(tmp_path, 2, ["seed=1", "algo=maml", "data.n_way=9999"], None, {"status": "failed", "error": "DataError: data.n_way=9999 | too big"})
     _job(tmp_path, 1, ["seed=1", "algo=maml"], done, {"status": "completed", "error": None})
@@ -46,6 +46,7 @@ def test_summary_lists_every_job_in_order(tmp_path):
     assert float(table[0]["test_acc"]) == 0.4567
     markdown = (tmp_path / "summary.md").read_text()
     assert "0.4567 ± 0.0123" in markdown and "too big" in markdown and "\\|" in markdown
+    assert float(table[0]["wall_time_s"]) == 245.4 and "| 4 min 05 s |" in markdown and table[1]["wall_time_s"] == ""
     assert "Overrides of every job: `seed=1`" in markdown and all("seed" not in row["overrides"] for row in table)
 
 
@@ -75,7 +76,7 @@ def test_multirun_summary_records_a_failed_job_and_runs_the_others(tmp_path, dat
     for algo in ("maml", "reptile"):
         good, bad = by_overrides[f"algo={algo} data.n_way=5"], by_overrides[f"algo={algo} data.n_way=9999"]
         assert good["status"] == "completed" and 0 <= float(good["test_acc"]) <= 1 and float(good["test_acc_ci95"]) >= 0
-        assert 0 <= float(good["best_val_acc"]) <= 1
+        assert 0 <= float(good["best_val_acc"]) <= 1 and float(good["wall_time_s"]) > 0
         assert bad["status"] == "failed" and "data.n_way=9999" in bad["error"]
     assert "± " in (tmp_path / "sweep" / "summary.md").read_text()
     # final numbers in TensorBoard's hparams view

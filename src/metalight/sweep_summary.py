@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
 STATUS_FILE = "job_status.json"
-COLUMNS = ("job", "status", "overrides", "best_val_acc", "test_acc", "test_acc_ci95", "global_step", "error")
+COLUMNS = ("job", "status", "overrides", "best_val_acc", "test_acc", "test_acc_ci95", "global_step", "wall_time_s", "error")
 
 
 def run_results(trainer: pl.Trainer, metrics: dict[str, float]) -> dict[str, Any]:
@@ -81,6 +81,7 @@ def _job_row(job_dir: Path) -> dict[str, Any]:
         "test_acc": results.get("test_acc"),
         "test_acc_ci95": results.get("test_acc_ci95"),
         "global_step": results.get("global_step"),
+        "wall_time_s": results.get("wall_time_s"),
         "error": status.get("error"),
     }
 
@@ -103,16 +104,24 @@ def _cell(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def _duration(seconds: float | None) -> str:
+    """A wall time as "4 min 05 s" (empty when unknown)."""
+    if seconds is None:
+        return ""
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest:02d} s" if minutes else f"{rest} s"
+
+
 def _markdown(rows: list[dict[str, Any]], common: list[str]) -> str:
     """The summary as a Markdown table (test accuracy as mean ± 95% CI) under the overrides all jobs share."""
     lines = [f"Overrides of every job: `{' '.join(common)}`", ""] if common else []
-    lines += ["| job | status | overrides | best val acc | test acc ± 95% CI | step | error |", "|---|---|---|---|---|---|---|"]
+    lines += ["| job | status | overrides | best val acc | test acc ± 95% CI | step | wall time | error |", "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         test = _cell(row["test_acc"])
         if test and row["test_acc_ci95"] is not None:
             test += f" ± {row['test_acc_ci95']:.4f}"
         cells = [row["job"], row["status"], f"`{row['overrides']}`" if row["overrides"] else "", _cell(row["best_val_acc"]),
-                 test, _cell(row["global_step"]), _cell(row["error"])]
+                 test, _cell(row["global_step"]), _duration(row["wall_time_s"]), _cell(row["error"])]
         lines.append("| " + " | ".join(cell.replace("|", "\\|").replace("\n", " ") for cell in cells) + " |")
     return "\n".join(lines) + "\n"
 

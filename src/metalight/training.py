@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,7 @@ def _metrics(trainer: pl.Trainer) -> dict[str, float]:
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Fit (optionally resuming from cfg.ckpt_path), then test the best checkpoint; return metrics and objects."""
+    started = time.perf_counter()
     ensure_writable(cfg.paths.output_dir)
     ckpt_path = _checkpoint_to_resume(cfg)
     objects = build(cfg)
@@ -82,7 +84,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             log.warning("No best checkpoint was saved: testing the weights in memory.")
         trainer.test(algorithm, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         metrics.update(_metrics(trainer))
-    results = run_results(trainer, metrics)
+    results = run_results(trainer, metrics) | {"wall_time_s": round(time.perf_counter() - started, 1)}
     record_results(trainer, cfg.paths.output_dir, results)
     if results["best_val_acc"] is not None:
         metrics["val/acc_best"] = results["best_val_acc"]  # what hparams_search/* optimizes
