@@ -40,6 +40,15 @@ def test_attributes_and_batches(omniglot: FewShotDataModule) -> None:
     assert [len(b["support_x"]) for b in omniglot.val_dataloader()] == [8, 8, 4]
 
 
+@pytest.mark.parametrize(("device", "pinned"), [(None, False), ("cpu", False), ("cuda", True)])
+def test_memory_is_pinned_only_for_a_trainer_on_a_gpu(data_dir: Path, cache_dir: Path, device: str | None, pinned: bool) -> None:
+    dm = _omniglot(data_dir, cache_dir, pin_memory=True)
+    dm.setup("fit")
+    if device is not None:  # a CPU run on a machine with a GPU has CUDA available, yet pins nothing
+        dm.trainer = SimpleNamespace(global_rank=0, world_size=1, strategy=SimpleNamespace(root_device=torch.device(device)))
+    assert dm.val_dataloader().pin_memory is pinned
+
+
 def test_normalization_after_transfer(omniglot: FewShotDataModule) -> None:
     batch = next(iter(omniglot.val_dataloader()))
     raw = batch["query_x"].clone()

@@ -278,6 +278,10 @@ class FewShotDataModule(LightningDataModule):
         """(global rank, world size) of the attached trainer, (0, 1) without one."""
         return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
 
+    def _trains_on_cuda(self) -> bool:
+        """Whether the attached trainer's device is a GPU (a CPU run on a machine with one pins nothing)."""
+        return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+
     def _resume_position(self) -> tuple[int, int]:
         """(epoch, first meta-step) where training continues: (0, 0), or where a restored trainer resumes.
 
@@ -305,7 +309,7 @@ class FewShotDataModule(LightningDataModule):
             sampler=sampler,
             batch_size=None,
             num_workers=self.num_workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),  # pinning only helps a GPU copy
+            pin_memory=self.pin_memory and self._trains_on_cuda(),  # pinning only helps a copy to the GPU
             persistent_workers=self.persistent_workers and self.num_workers > 0,
         )
 
