@@ -19,8 +19,11 @@ import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from metalight.data import FewShotDataModule
+
+CONF_DATA = Path(__file__).resolve().parents[1] / "conf" / "data"
 
 # (dataset, image_size, n_way, k_shot, k_query, meta_batch_size) as in conf/data/*.yaml
 CASES = [
@@ -52,6 +55,7 @@ def measure(dm: FewShotDataModule, seconds: float, warm_up: bool) -> tuple[int, 
 def run_case(root: Path, cache_dir: Path, case: tuple, phase: str, seconds: float, num_workers: int) -> dict:
     """Set up one data module on cache_dir and measure it; returns the JSON record."""
     dataset, image_size, n_way, k_shot, k_query, meta_batch_size = case
+    conf = OmegaConf.load(CONF_DATA / f"{dataset}.yaml")  # its mean/std: the cold setup is the cache build alone
     start = time.perf_counter()
     dm = FewShotDataModule(
         dataset=dataset,
@@ -66,6 +70,8 @@ def run_case(root: Path, cache_dir: Path, case: tuple, phase: str, seconds: floa
         cache_dir=str(cache_dir),
         num_workers=num_workers,
         persistent_workers=True,
+        mean=list(conf.mean),
+        std=list(conf.std),
     )
     dm.setup("fit")
     setup_s = time.perf_counter() - start
