@@ -24,8 +24,9 @@ train: install
 	$(BIN)/python train.py experiment=quick_omniglot $(ARGS)
 	@echo "TensorBoard logs are under $(CURDIR)/logs: make tensorboard (or $(BIN)/tensorboard --logdir logs)"
 
+# one pytest worker per core (pytest-xdist), each test module whole on one worker, one torch thread per worker
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n auto --dist loadfile $(PYTEST_ARGS)
 
 tensorboard: install
 	$(BIN)/tensorboard --logdir logs

@@ -8,6 +8,14 @@ import pytest
 _SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (`make test`: a worker per core), one torch thread per worker: the workers already fill the cores."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
 def _data_root() -> Path | None:
     """DATA_DIR if set, else the repository's CI mirror ../shared/data when present."""
     env = os.environ.get("DATA_DIR")
