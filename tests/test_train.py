@@ -64,6 +64,17 @@ def test_cli_errors_are_one_clear_message(tmp_path, data_dir, cache_dir, overrid
     assert result.returncode != 0
     assert expected in output
     assert "Traceback" not in output
+    assert not list(tmp_path.glob("logs/*/runs/*")), "a run stopped by a bad input left its folder behind"
+
+
+@pytest.mark.slow
+def test_a_bad_task_shape_stops_before_the_run_writes_anything(tmp_path, data_dir, cache_dir):
+    # no debug mode: the TensorBoard logger is on, and the data is checked before it writes its first event file
+    result = _run_train(["algo=protonet", "data.k_shot=10"], tmp_path, data_dir, cache_dir, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-2000:]
+    assert "data.k_shot=10 + data.k_query=15" in output and "Traceback" not in output
+    assert not list(tmp_path.glob("logs/*/runs/*")), "the stopped run left its folder behind"
 
 
 @pytest.mark.parametrize("trainer", ["debug=fast_dev_run", "trainer=ddp_cpu"])
@@ -74,6 +85,7 @@ def test_missing_data_folder_is_reported(tmp_path, cache_dir, trainer):
     assert result.returncode == 2, output[-2000:]
     assert str(tmp_path / "nowhere") in output and "DATA_DIR" in output
     assert "Traceback" not in output
+    assert not list(tmp_path.glob("logs/*/runs/*")), "the stopped run left its folder behind"
 
 
 def test_every_ddp_process_ends_with_the_one_message(tmp_path, monkeypatch, caplog):

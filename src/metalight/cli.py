@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -39,6 +40,7 @@ def run_reporting_errors(function: Callable[..., T], *args: Any) -> T:
         message = f"{type(error).__name__}: {error}"
         _leave_for_other_processes(message)
         log.error("%s", message)
+        _remove_run_folder_if_empty()
         raise SystemExit(2) from None
     except Exception:
         message = None if _multirun() else _message_of_another_process(started)
@@ -50,6 +52,20 @@ def run_reporting_errors(function: Callable[..., T], *args: Any) -> T:
 
 def _multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _remove_run_folder_if_empty() -> None:
+    """Remove this run's folder when it holds only what Hydra wrote before the error (.hydra/ and the log).
+
+    A run stopped by a bad input then leaves nothing behind but its one line; a folder with anything the
+    run made (checkpoints, event files, results) is kept. DDP runs keep theirs: the other processes
+    read the message from it.
+    """
+    if _world_size() > 1 or not HydraConfig.initialized():
+        return
+    folder = Path(HydraConfig.get().runtime.output_dir)
+    if folder.is_dir() and all(path.name == ".hydra" or path.suffix == ".log" for path in folder.iterdir()):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _world_size() -> int:

@@ -70,10 +70,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     ckpt_path = _checkpoint_to_resume(cfg)
     objects = build(cfg)
     trainer, algorithm, datamodule = objects["trainer"], objects["algorithm"], objects["datamodule"]
+    _check_data_first(trainer, datamodule)
     for logger in trainer.loggers:
         logger.log_hyperparams(cfg_to_hparams(cfg))
 
-    _check_data_before_launch(trainer, datamodule)
     if cfg.get("train", True):
         trainer.fit(algorithm, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = _metrics(trainer)
@@ -93,20 +93,18 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     return metrics, objects
 
 
-def _check_data_before_launch(trainer: pl.Trainer, datamodule: pl.LightningDataModule) -> None:
-    """Prepare and set up the data in this process when it is about to start the other DDP processes.
+def _check_data_first(trainer: pl.Trainer, datamodule: pl.LightningDataModule) -> None:
+    """Prepare and set up the data in this process before anything is logged or another process starts.
 
-    Lightning prepares data on one process per node after every process has started, so a missing data
-    folder or a task too large for a split would end that process with our one-line error and the others
-    with a broken-connection traceback. Checked here, the run ends before any other process exists. fit()
-    then finds the data set up (the datamodule keeps what it loaded; the cache makes preparing again cheap).
-    Processes started by torchrun or SLURM each run this function themselves: cli.run_reporting_errors
-    covers them.
+    A missing data folder or a task too large for a split then ends the run with our one-line error
+    before it writes event files (so cli removes its empty run folder), and before Lightning starts the
+    other DDP processes, which would otherwise end with a broken-connection traceback. fit() then finds
+    the data set up (setup keeps what it loaded; the cache makes preparing again cheap). Processes
+    started by torchrun or SLURM skip it: each of them runs this function, and Lightning prepares the
+    data on one process per node; cli.run_reporting_errors covers them.
     """
-    strategy = trainer.strategy
-    environment = getattr(strategy, "cluster_environment", None)
-    processes = getattr(strategy, "num_processes", 1) * trainer.num_nodes
-    if strategy.launcher is None or environment is None or environment.creates_processes_externally or processes < 2:
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    if environment is not None and environment.creates_processes_externally and trainer.world_size > 1:
         return
     datamodule.prepare_data()
     datamodule.setup("fit")
