@@ -13,10 +13,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 import torch
 import torch.nn.functional as F
 
-from metalight.algorithms.base import EpisodicModule, mean_and_ci95
+from metalight.algorithms.base import mean_and_ci95
 from metalight.checkpoint_io import write_text_atomically
-from metalight.checkpoints import best_checkpoints, load_checkpoint, resolve_checkpoint, run_dir_of
-from metalight.errors import CheckpointError, ConfigError
+from metalight.checkpoints import best_checkpoints, load_checkpoint, resolve_checkpoint
+from metalight.errors import ConfigError
+from metalight.fixed_episodes import evaluate_episodes
+from metalight.runs import load_weights, saved_run_config
 from metalight.training import build
 
 log = logging.getLogger(__name__)
@@ -35,13 +37,7 @@ def _override_keys() -> list[str]:
 
 def restore_run_config(checkpoint_path: Path, eval_cfg: DictConfig, override_keys: list[str]) -> DictConfig:
     """The run's composed config, with this machine's paths/trainer and the command line's data/model/algo overrides."""
-    saved = run_dir_of(checkpoint_path) / ".hydra" / "config.yaml"
-    if not saved.is_file():
-        raise CheckpointError(
-            f"{saved} is missing: eval.py restores the run's config from its run folder. Keep the checkpoint "
-            "inside its run folder (logs/<task>/runs/<time>/checkpoints/), or copy the folder's .hydra/ with it."
-        )
-    run_cfg = OmegaConf.load(saved)
+    run_cfg = saved_run_config(checkpoint_path)
     with open_dict(run_cfg):
         for group in EVAL_GROUPS:
             run_cfg[group] = eval_cfg[group]
@@ -59,17 +55,6 @@ def restore_run_config(checkpoint_path: Path, eval_cfg: DictConfig, override_key
     return run_cfg
 
 
-def _load_weights(algorithm: EpisodicModule, checkpoint: dict[str, Any], path: Path) -> None:
-    """Put a checkpoint's weights into the algorithm built from its run config; CheckpointError when they do not fit."""
-    try:
-        algorithm.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as error:
-        raise CheckpointError(
-            f"checkpoint {path} does not fit the model of its run config "
-            f"({str(error).splitlines()[0][:200]}). Were model.* or data.n_way overridden? Drop those overrides."
-        ) from None
-
-
 def ensemble_results(outputs: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> dict[str, Any]:
     """Accuracy ± 95% CI over tasks of the members' averaged final query logits (the MAML++ authors average logits).
 
@@ -84,7 +69,7 @@ def ensemble_results(outputs: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> 
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Score `cfg.ckpt_path` (or the ensemble of its run's ensemble_top_k best checkpoints) on the fixed test tasks; save and return the results."""
+    """Score `cfg.ckpt_path` (or the ensemble of its run's ensemble_top_k best checkpoints) on the fixed test tasks, or on cfg.episodes; save and return the results."""
     top_k = cfg.get("ensemble_top_k", 1)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ConfigError(f"ensemble_top_k={top_k!r} is not valid: use a whole number >= 1 (1 = the checkpoint alone, 5 = MAML++'s ensembles).")
@@ -94,8 +79,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     run_cfg = restore_run_config(checkpoint_path, cfg, _override_keys())
     objects = build(run_cfg)
     algorithm, trainer = objects["algorithm"], objects["trainer"]
-    if top_k == 1:
-        _load_weights(algorithm, checkpoint, checkpoint_path)
+    if cfg.get("episodes"):
+        if top_k != 1 or trainer.world_size > 1:
+            raise ConfigError(f"episodes={cfg.episodes} scores one checkpoint in one process: drop ensemble_top_k, set trainer.devices=1.")
+        load_weights(algorithm, checkpoint, checkpoint_path)
+        results, out = evaluate_episodes(cfg, run_cfg, objects, checkpoint, checkpoint_path)
+    elif top_k == 1:
+        load_weights(algorithm, checkpoint, checkpoint_path)
         trainer.test(algorithm, datamodule=objects["datamodule"], verbose=False)
         results = {"checkpoint": str(checkpoint_path), "global_step": checkpoint.get("global_step"), **algorithm.test_results}
         out = checkpoint_path.with_name(checkpoint_path.stem + ".test.json")
@@ -106,13 +96,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         algorithm.keep_test_logits = True
         outputs, member_accs = [], []
         for path in members:
-            _load_weights(algorithm, load_checkpoint(path), path)
+            load_weights(algorithm, load_checkpoint(path), path)
             trainer.test(algorithm, datamodule=objects["datamodule"], verbose=False)
             outputs.append(algorithm.test_outputs)
             member_accs.append(algorithm.test_results["acc"])
         results = {"members": [str(p) for p in members], "member_accs": member_accs, **ensemble_results(outputs)}
         out = checkpoint_path.parent / f"top{top_k}.test.json"
-    results["n_test_tasks"] = run_cfg.data.n_test_tasks
+    if not cfg.get("episodes"):
+        results["n_test_tasks"] = run_cfg.data.n_test_tasks
     write_text_atomically(out, json.dumps(results, indent=2))
     log.info(
         "test accuracy %.4f ± %.4f (95%% CI, %d tasks)%s; saved %s",

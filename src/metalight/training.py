@@ -46,12 +46,18 @@ def _instantiate_group(group: DictConfig | None) -> list[Any]:
     return [_instantiate(entry) for entry in group.values() if entry is not None and "_target_" in entry]
 
 
-def build(cfg: DictConfig) -> dict[str, Any]:
-    """Instantiate datamodule, model, algorithm, callbacks, loggers and trainer from a composed config."""
+def build_data_and_algorithm(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
+    """The datamodule (not yet set up) and the algorithm with its model (seeded), from a composed config: what a trained learner needs."""
     validate_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = _instantiate(cfg.data, "data")
     algorithm = _instantiate(cfg.algo, "algo", model=_instantiate(cfg.model, "model"))
+    return datamodule, algorithm
+
+
+def build(cfg: DictConfig) -> dict[str, Any]:
+    """Instantiate datamodule, model, algorithm, callbacks, loggers and trainer from a composed config."""
+    datamodule, algorithm = build_data_and_algorithm(cfg)
     callbacks = _instantiate_group(cfg.get("callbacks"))
     loggers = _instantiate_group(cfg.get("logger"))
     trainer = _instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Sampler
 from metalight.data import cifar, cub, folder, miniimagenet, omniglot, tiered_imagenet
 from metalight.data.episodes import EpisodeDataset, EvalTaskSampler, TrainTaskSampler
 from metalight.data.images import SplitImages, channel_stats
+from metalight.data.preprocess import ImageFormat, normalize
 from metalight.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -33,10 +34,11 @@ class _DatasetSpec:
     channels: int | None  # None: whatever data.channels says (the loader converts the images)
     downloadable: bool
     options: tuple[str, ...] = ()
+    invert: bool = False  # decoded as 255 - x (Omniglot: strokes bright on a dark background)
 
 
 DATASETS = {
-    "omniglot": _DatasetSpec(omniglot.load_omniglot, omniglot.SPLITS, channels=1, downloadable=True),
+    "omniglot": _DatasetSpec(omniglot.load_omniglot, omniglot.SPLITS, channels=1, downloadable=True, invert=omniglot.INVERT),
     "miniimagenet": _DatasetSpec(miniimagenet.load_miniimagenet, miniimagenet.SPLITS, channels=3, downloadable=False),
     "folder": _DatasetSpec(folder.load_folder, folder.SPLITS, None, downloadable=False, options=folder.OPTIONS),
     "cifar_fs": _DatasetSpec(cifar.load_cifar_fs, cifar.CIFAR_FS_SPLITS, 3, downloadable=True, options=cifar.OPTIONS),
@@ -194,7 +196,6 @@ class FewShotDataModule(LightningDataModule):
         self.train_classes = self.val_classes = self.test_classes = 0
         self._spec = spec
         self._datasets: dict[str, EpisodeDataset] = {}
-        self._affine: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _load(self) -> dict[str, SplitImages]:
         """All three splits, building their caches (and downloading, where allowed) when needed."""
@@ -335,12 +336,22 @@ class FewShotDataModule(LightningDataModule):
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images [..., C, H, W] -> float32 (x / 255 - mean) / std per channel, on their device."""
-        if images.device not in self._affine:
-            mean = torch.tensor(self.mean, device=images.device).view(-1, 1, 1)
-            std = torch.tensor(self.std, device=images.device).view(-1, 1, 1)
-            self._affine[images.device] = (1.0 / (255.0 * std), mean / std)
-        scale, shift = self._affine[images.device]
-        return images.float().mul_(scale).sub_(shift)
+        return normalize(images, self.mean, self.std)
+
+    def image_format(self) -> ImageFormat:
+        """How this data set's images reach the model (size, channels, inversion, mean/std): what a trained learner applies to new images."""
+        if self.mean is None or self.std is None:
+            raise RuntimeError("data.mean/std are computed in setup(), or restored by load_state_dict(): call one first")
+        return ImageFormat(self.image_size, self.channels, self._spec.invert, tuple(self.mean), tuple(self.std))
+
+    def state_dict(self) -> dict[str, list[float]]:
+        """Saved in every checkpoint (Lightning's datamodule state): the normalization the run trained with."""
+        return {"mean": list(self.mean), "std": list(self.std)} if self.mean is not None and self.std is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, list[float]]) -> None:
+        """Take a checkpoint's mean/std, so they are not computed again from the training images."""
+        if state_dict:
+            self.mean, self.std = list(state_dict["mean"]), list(state_dict["std"])
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         """Convert the uint8 images of a batch, already on the training device, to normalized float32."""

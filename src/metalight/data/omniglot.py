@@ -30,6 +30,7 @@ import numpy as np
 
 from metalight.data.cache import cache_name, cached
 from metalight.data.class_lists import packaged_path, read_class_list
+from metalight.data.download import download_checked
 from metalight.data.images import (
     ImageRef,
     SplitImages,
@@ -42,6 +43,7 @@ from metalight.data.images import (
 from metalight.errors import DataError
 
 SPLITS = ("vinyals", "lake")
+INVERT = True  # strokes bright (255) on a dark background (0): the files hold dark strokes on white
 ARCHIVES = ("images_background", "images_evaluation")
 LAKE_VAL_ALPHABETS = (
     "Balinese",
@@ -54,19 +56,11 @@ _ROTATION = re.compile(r"rot(\d{3})")
 
 
 def download_archive(folder: Path, archive: str) -> None:
-    """Fetch the official `<archive>.zip` into folder with torchvision's checksum-verified downloader."""
-    from torchvision.datasets import Omniglot, utils
+    """Fetch the official `<archive>.zip` into folder, checked against torchvision's md5 of it."""
+    from torchvision.datasets import Omniglot
 
     filename = f"{archive}.zip"
-    url = f"{Omniglot.download_url_prefix}/{filename}"
-    try:
-        utils.download_url(url, str(folder), filename=filename, md5=Omniglot.zips_md5[archive])
-    except (OSError, RuntimeError) as exc:
-        (folder / filename).unlink(missing_ok=True)
-        raise DataError(
-            f"could not download {url} into {folder} ({exc}): download it yourself and place it there "
-            "(or its unpacked folder), or point DATA_DIR (or paths.data_dir=...) at a folder holding omniglot/."
-        ) from exc
+    download_checked(f"{Omniglot.download_url_prefix}/{filename}", folder, filename, Omniglot.zips_md5[archive])
 
 
 def list_characters(folder: Path, download: bool = False) -> tuple[dict[str, list[ImageRef]], dict[str, str], list]:
@@ -185,7 +179,7 @@ def load_omniglot(
         cache_name("omniglot", "characters", image_size, root),
         key,
         (len(names), per_class, 1, image_size, image_size),
-        lambda out: decode_classes([characters[n] for n in names], out, "L", invert=True, desc="caching Omniglot"),
+        lambda out: decode_classes([characters[n] for n in names], out, "L", invert=INVERT, desc="caching Omniglot"),
     )
     index = {name: i for i, name in enumerate(names)}
     return {part: _split_images(base, index, classes) for part, classes in parts.items()}

@@ -1,0 +1,115 @@
+"""FewShotLearner: a trained run applied to your own task: adapt to a few labelled images, then classify new ones.
+
+    learner = FewShotLearner.load("logs/train/runs/<time>")     # a run folder, a .ckpt file, or "last"
+    learner.adapt(support_images, support_labels)                # paths, PIL images or tensors; any hashable labels
+    probs = learner.predict(query_images)                        # [n_queries, n_classes], columns in learner.classes order
+
+Images are read exactly as the run read its own (data/preprocess.py: size, channels, Omniglot's inversion,
+and the mean/std its checkpoint saved). Scoring goes through the algorithm's own `evaluate_tasks`, as
+eval.py's does: an inner-loop learner fine-tunes a copy of its meta-parameters with its evaluation loop, a
+ProtoNet builds prototypes, and the logits are those eval.py gets for the same episode. The meta-parameters
+never change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from metalight.algorithms.base import EpisodicModule
+from metalight.checkpoints import load_checkpoint, resolve_checkpoint
+from metalight.data.episode_files import task_batch
+from metalight.data.preprocess import ImageFormat, ImageInput
+from metalight.errors import ConfigError
+from metalight.runs import load_weights, restore_image_format, saved_run_config
+from metalight.training import build_data_and_algorithm
+
+
+class FewShotLearner:
+    """A trained meta-learner and its run's image format, as a classifier of classes given by a support set (module docstring)."""
+
+    def __init__(self, algorithm: EpisodicModule, image_format: ImageFormat, checkpoint: Path, config: DictConfig) -> None:
+        self.algorithm, self.image_format, self.checkpoint, self.config = algorithm, image_format, checkpoint, config
+        self.classes: list[Hashable] = []
+        self._support: tuple[Tensor, Tensor] | None = None
+
+    @classmethod
+    def load(cls, run: str | Path, device: str | torch.device = "cpu") -> FewShotLearner:
+        """The learner a run trained: `run` is its folder (last.ckpt), a checkpoint inside its checkpoints/, or "last"."""
+        path = resolve_checkpoint(run, Path("logs") / "train" / "runs")
+        checkpoint = load_checkpoint(path)
+        config = saved_run_config(path)
+        datamodule, algorithm = build_data_and_algorithm(config)
+        load_weights(algorithm, checkpoint, path)
+        image_format = restore_image_format(datamodule, checkpoint, path)
+        return cls(algorithm.to(device).eval(), image_format, path, config)
+
+    @property
+    def name(self) -> str:
+        """The algorithm's class name (MAML, ProtoNet, ...), for messages."""
+        return type(self.algorithm).__name__
+
+    def fixed_ways(self, images: Tensor) -> int | None:
+        """How many classes the model's output layer scores, for a learner that adapts it (None: any number, e.g. ProtoNets)."""
+        if not self.algorithm.adapts:
+            return None
+        head = getattr(self.algorithm.model, "head", None)
+        if isinstance(head, nn.Linear):
+            return head.out_features
+        with torch.no_grad():
+            return int(self.algorithm.model(images.to(self.algorithm.device)).shape[-1])
+
+    def adapt(self, images: Sequence[ImageInput], labels: Sequence[Hashable]) -> FewShotLearner:
+        """Take the support set: images and their labels (class names or numbers), classes in order of first appearance.
+
+        The adaptation itself runs with every predict() (so it sees the queries as evaluation does:
+        BatchNorm's statistics are transductive unless algo.transductive=false). ConfigError when a
+        learner with a fixed number of outputs gets another number of classes.
+        """
+        if len(images) != len(labels) or not len(images):
+            raise ConfigError(f"adapt() got {len(images)} images and {len(labels)} labels: give one label per image, at least one image.")
+        classes = list(dict.fromkeys(labels))
+        x = self.image_format(images)
+        ways = self.fixed_ways(x)
+        if ways is not None and ways != len(classes):
+            raise ConfigError(
+                f"this {self.name} learner scores exactly {ways} classes (its run's data.n_way), but the support set has "
+                f"{len(classes)}: give it {ways} classes, or use a learner without a fixed head (algo=protonet)."
+            )
+        index = {label: c for c, label in enumerate(classes)}
+        self.classes = classes
+        self._support = (x, torch.tensor([index[label] for label in labels]))
+        return self
+
+    def logits(self, images: Sequence[ImageInput], task_id: int = 0) -> Tensor:
+        """Query logits [n, n_classes] after adapting to the support set, from the algorithm's evaluate_tasks.
+
+        task_id seeds what evaluation draws per task (Reptile's support minibatches); eval.py numbers its
+        episodes 0, 1, ...
+        """
+        if self._support is None:
+            raise ConfigError("predict() needs a support set first: call adapt(support_images, support_labels).")
+        if not len(images):
+            raise ConfigError("predict() got no query images: give at least one.")
+        support_x, support_y = self._support
+        query_x = self.image_format(images)
+        batch = task_batch(support_x, support_y, query_x, torch.zeros(len(query_x), dtype=torch.long))
+        device = self.algorithm.device
+        outcome = self.algorithm.evaluate_tasks({k: v.to(device) for k, v in batch.items()}, "test", [task_id], keep_logits=True)
+        return outcome.logits[0, -1].cpu()
+
+    def predict(self, images: Sequence[ImageInput]) -> Tensor:
+        """Class probabilities [n, n_classes] of query images (softmax of logits()), columns in `classes` order."""
+        return self.logits(images).softmax(dim=-1)
+
+    def embed(self, images: Sequence[ImageInput]) -> Tensor:
+        """Embeddings [n, D] of images by the meta-trained body (model.features), for a model with a separable head."""
+        features = getattr(self.algorithm.model, "features", None)
+        if not isinstance(features, nn.Module):
+            raise ConfigError(f"embed() needs a model with a separable body (`features`); this run's {type(self.algorithm.model).__name__} has none.")
+        with torch.no_grad():
+            return features(self.image_format(images).to(self.algorithm.device)).cpu()
