@@ -16,13 +16,20 @@ ALGOS = sorted(p.stem for p in (CONF / "algo").glob("*.yaml"))
 DATASETS = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 _NODES: dict[tuple[str, str], dict] = {}
+# options built at test sizes: the one data set without a default location, and the large networks (the full
+# ResNet-12 and timm's resnet18, built once per algorithm and data set, would cost seconds)
+_OVERRIDES = {
+    ("data", "folder"): ["data.root=/any/folder"],
+    ("model", "resnet12"): ["model.channels=[4,4,4,4]"],
+    ("model", "timm"): ["model.name=test_resnet"],
+}
 
 
 def _node(compose_train, group: str, option: str) -> dict:
     """The unresolved config of one option of a group (composed once per test session)."""
     if (group, option) not in _NODES:
-        where = ["data.root=/any/folder"] if option == "folder" else []  # the one data set without a default location
-        _NODES[group, option] = OmegaConf.to_container(compose_train(f"{group}={option}", *where)[group], resolve=False)
+        overrides = _OVERRIDES.get((group, option), [])
+        _NODES[group, option] = OmegaConf.to_container(compose_train(f"{group}={option}", *overrides)[group], resolve=False)
     return _NODES[group, option]
 
 

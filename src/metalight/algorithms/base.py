@@ -53,7 +53,7 @@ def require_features_and_head(model: nn.Module, algorithm: str) -> None:
         raise ConfigError(
             f"{algorithm} needs a model with a separable head (a `features` module mapping images to embeddings and a "
             f"`head` module, forward = head(features(x))), but {type(model).__name__} has none: use model=conv4, "
-            "conv4_strided or conv4_mini, or give your network those two submodules."
+            "conv4_strided, conv4_mini, resnet12 or timm, or give your network those two submodules."
         )
 
 

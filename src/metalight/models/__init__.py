@@ -2,5 +2,6 @@
 
 from metalight.models.conv4 import Conv4
 from metalight.models.resnet12 import ResNet12
+from metalight.models.timm_backbone import TimmBackbone
 
-__all__ = ["Conv4", "ResNet12"]
+__all__ = ["Conv4", "ResNet12", "TimmBackbone"]

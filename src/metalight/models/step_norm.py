@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metalight.errors import ConfigError
+
 _STEP: ContextVar[int] = ContextVar("metalight_inner_step", default=0)
 _RECORDS: ContextVar[list | None] = ContextVar("metalight_batch_statistics", default=None)
 
@@ -87,6 +89,12 @@ def use_step_batch_norm(model: nn.Module, steps: int, per_step_weights: bool, pe
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.BatchNorm2d):
+                if type(child) is not nn.BatchNorm2d:  # e.g. timm's BatchNormAct2d: its activation would be lost
+                    raise ConfigError(
+                        f"algo.bnrs / algo.bnwb replace nn.BatchNorm2d, and {name} is a {type(child).__name__}, which does more "
+                        "(timm fuses the activation into it): set algo.bnrs=false algo.bnwb=false, or use a model with plain "
+                        "BatchNorm2d (model=conv4, model=resnet12, timm's resnets)."
+                    )
                 norm = StepBatchNorm2d(child.num_features, steps, per_step_weights, per_step_statistics, eps=child.eps)
                 like = next(child.parameters(), next(child.buffers(), None))
                 setattr(module, name, norm if like is None else norm.to(like))
