@@ -43,10 +43,11 @@ def test_every_data_set_instantiates(compose_train, data):
 @pytest.mark.parametrize("algo", ALGOS)
 def test_every_algorithm_builds_on_every_data_set_and_model(compose_train, algo):
     cfg = compose_train(f"algo={algo}")
+    own = {key: cfg.data[key] for key in ("train_mode", "batch_size") if key in cfg.data}  # data keys algo=baseline sets itself
     for data in DATASETS:
         for model in MODELS:
             with open_dict(cfg):
-                cfg.data, cfg.model = _node(compose_train, "data", data), _node(compose_train, "model", model)
+                cfg.data, cfg.model = _node(compose_train, "data", data) | own, _node(compose_train, "model", model)
             validate_config(cfg)
             algorithm = instantiate(cfg.algo, model=instantiate(cfg.model))
             assert isinstance(algorithm, LightningModule) and not algorithm.automatic_optimization, (data, model)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from metalight.errors import ConfigError
@@ -17,6 +18,7 @@ _INT_MINIMUMS = {
     "data.k_shot_train": 1,
     "data.k_query_train": 1,
     "data.meta_batch_size": 1,
+    "data.batch_size": 1,
     "data.eval_batch_size": 1,
     "data.batches_per_epoch": 1,
     "data.n_val_tasks": 1,
@@ -57,13 +59,29 @@ def validate_config(cfg: DictConfig) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise ConfigError(f"{key}={value!r} is not valid: it must be a number > 0, e.g. `{key}=0.4`.")
     world = _world_size(cfg)
-    batch = _value(cfg, "data.meta_batch_size")
+    key = "data.batch_size" if _value(cfg, "data.train_mode") == "flat" else "data.meta_batch_size"
+    batch = _value(cfg, key)
     if isinstance(batch, int) and batch % world:
         raise ConfigError(
-            f"data.meta_batch_size={batch} does not split evenly over {world} processes "
+            f"{key}={batch} does not split evenly over {world} processes "
             f"(trainer.devices x trainer.num_nodes): choose a multiple of {world}."
         )
     _check_epoch_schedules(cfg)
+    _check_train_mode(cfg)
+
+
+def _check_train_mode(cfg: DictConfig) -> None:
+    """The training batches the data module gives (data.train_mode) must be those the algorithm trains on."""
+    target, mode = _value(cfg, "algo._target_"), _value(cfg, "data.train_mode") or "episodes"
+    try:
+        wanted = getattr(get_class(target), "train_mode", "episodes") if isinstance(target, str) else "episodes"
+    except ImportError:
+        return  # instantiating the algorithm names the bad target
+    if mode != wanted:
+        raise ConfigError(
+            f"data.train_mode={mode} but the algorithm ({target}) trains on {wanted}: set data.train_mode={wanted} "
+            "(algo=baseline sets flat by itself; an experiment= file written for another algorithm may have changed it)."
+        )
 
 
 def _check_epoch_schedules(cfg: DictConfig) -> None:

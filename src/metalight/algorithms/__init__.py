@@ -1,15 +1,16 @@
 """Meta-learning algorithms as LightningModules on one base (EpisodicModule).
 
 Gradient-based: MAML / first-order MAML, and on its meta-step ANIL, Meta-SGD and MAML++; Reptile;
-metric-based: Prototypical Networks.
+metric-based: Prototypical Networks; pretrain-then-fit: Baseline, Baseline++ and RFS-simple.
 """
 
 from metalight.algorithms.anil import ANIL
 from metalight.algorithms.base import EpisodicModule, NonFiniteMetaStepError
+from metalight.algorithms.baseline import Baseline
 from metalight.algorithms.maml import MAML
 from metalight.algorithms.mamlpp import MAMLpp
 from metalight.algorithms.metasgd import MetaSGD
 from metalight.algorithms.protonet import ProtoNet
 from metalight.algorithms.reptile import Reptile
 
-__all__ = ["ANIL", "MAML", "MAMLpp", "EpisodicModule", "MetaSGD", "NonFiniteMetaStepError", "ProtoNet", "Reptile"]
+__all__ = ["ANIL", "MAML", "Baseline", "MAMLpp", "EpisodicModule", "MetaSGD", "NonFiniteMetaStepError", "ProtoNet", "Reptile"]

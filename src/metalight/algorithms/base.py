@@ -109,6 +109,10 @@ class EpisodicModule(pl.LightningModule):
     # loop leaves them None
     train_loop: InnerLoop | None = None
     eval_loop: InnerLoop | None = None
+    # what training batches hold, data.train_mode: "episodes" (meta-batches of tasks) or "flat" (labelled images)
+    train_mode = "episodes"
+    # the throughput metric: meta-batches count tasks; a learner trained on images counts images
+    throughput_metric = "train/tasks_per_s"
 
     def compute_meta_gradient(self, batch: dict[str, Tensor], measure: bool) -> TaskOutcome:
         """Leave the meta-gradient (synced across ranks) in .grad; with measure, score the query set before and after."""
@@ -135,9 +139,18 @@ class EpisodicModule(pl.LightningModule):
 
     # ---- shared machinery ---------------------------------------------------------------------
     @property
+    def eval_steps(self) -> int | None:
+        """Steps evaluation adapts by (accs then has eval_steps + 1 columns, step 0 = before), None when it does not adapt by steps."""
+        return self.eval_loop.steps if self.eval_loop is not None else None
+
+    @property
     def adapts(self) -> bool:
-        """Whether this learner adapts with an inner loop (its evaluation then has per-step accuracies)."""
-        return self.eval_loop is not None
+        """Whether this learner adapts by steps at evaluation (its evaluation then has per-step accuracies)."""
+        return self.eval_steps is not None
+
+    def batch_size_of(self, batch: dict[str, Tensor]) -> int:
+        """What a training batch holds, in the unit of throughput_metric (tasks of a meta-batch)."""
+        return batch["support_x"].shape[0]
 
     def path(self) -> TaskPath:
         """vmap or loop for this module's device and model (see functional.resolve_task_parallel)."""
@@ -228,17 +241,17 @@ class EpisodicModule(pl.LightningModule):
             if scheduler is not None:
                 scheduler.step()
 
-        batch_size = batch["support_x"].shape[0]
+        batch_size = self.batch_size_of(batch)
         metrics = {"train/grad_norm": grad_norm, "train/outer_lr": outer_lr, "train/nonfinite_steps": float(self.nonfinite_total)}
         if measure and self.train_loop is not None:
             metrics["train/inner_lr"] = self.mean_inner_lr()
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=batch_size)
         if self._last_step_start is not None:  # throughput between consecutive step starts (data time included)
-            tasks_per_s = batch_size * self.world_size / max(start - self._last_step_start, 1e-9)
-            self.log("train/tasks_per_s", tasks_per_s, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
+            per_s = batch_size * self.world_size / max(start - self._last_step_start, 1e-9)
+            self.log(self.throughput_metric, per_s, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
         self._last_step_start = start
         if measure:
-            if self.adapts:
+            if self.train_loop is not None:
                 self.log("train/acc_before", reduced[2], on_step=True, on_epoch=False, batch_size=batch_size)
             self.log_dict({"train/loss": loss, "train/acc": reduced[1]}, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
 
@@ -288,7 +301,7 @@ class EpisodicModule(pl.LightningModule):
     # ---- evaluation ---------------------------------------------------------------------------
     def _start_eval(self) -> None:
         """Zero the per-epoch sums: count, acc, acc^2, loss, acc_before^2, then acc at each inner step (or once)."""
-        points = self.eval_loop.steps + 1 if self.adapts else 1
+        points = self.eval_steps + 1 if self.adapts else 1
         self._eval_sums = torch.zeros(5 + points, dtype=torch.float64, device=self.device)
         self._eval_seen = 0
         self.test_outputs = []

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from metalight.data import cifar, cub, folder, miniimagenet, omniglot, tiered_imagenet
 from metalight.data.episodes import EpisodeDataset, EvalTaskSampler, TrainTaskSampler
+from metalight.data.flat import TRAIN_MODES, LabelledImages
 from metalight.data.images import SplitImages, channel_stats
 from metalight.data.preprocess import ImageFormat, normalize
 from metalight.errors import ConfigError, DataError
@@ -110,6 +111,9 @@ class FewShotDataModule(LightningDataModule):
     val/test tasks are the fixed sets 0..n-1 of (eval_seed, split, 0, i), dealt to ranks round-robin.
     After setup(): `channels`, `mean`, `std`, `train_classes`, `val_classes`, `test_classes` (class
     counts) and `images_per_class` / `max_images_per_class` (the smallest / largest class).
+    train_mode="flat" (set by algo=baseline) trains on labelled images instead: batches {"x": [b, C, H, W],
+    "y": [b]} of batch_size / world_size images from the union of the training classes, labelled by class
+    (data/flat.py); validation and test keep their fixed tasks.
     """
 
     def __init__(
@@ -141,6 +145,8 @@ class FewShotDataModule(LightningDataModule):
         persistent_workers: bool = False,
         cache_dir: str = ".cache",
         download: bool = False,
+        train_mode: str = "episodes",
+        batch_size: int | None = None,
     ) -> None:
         super().__init__()
         if dataset not in DATASETS:
@@ -163,6 +169,10 @@ class FewShotDataModule(LightningDataModule):
         for name, value in (("seed", seed), ("eval_seed", eval_seed), ("num_workers", num_workers)):
             _check_int(name, value, 0)
         n_channels, mean, std = _channels_and_statistics(dataset, spec, channels, mean, std)
+        if train_mode not in TRAIN_MODES:
+            raise ConfigError(f"data.train_mode={train_mode!r} is not known: use episodes (meta-learners) or flat (algo=baseline).")
+        if train_mode == "flat":
+            _check_int("batch_size", batch_size, 1)
         if small_classes not in SMALL_CLASSES:
             raise ConfigError(f"data.small_classes={small_classes!r} is not valid: use error or drop.")
         source = _plain(source)
@@ -192,10 +202,11 @@ class FewShotDataModule(LightningDataModule):
         self.small_classes, self.source = small_classes, source
         self.num_workers, self.pin_memory, self.persistent_workers = num_workers, pin_memory, persistent_workers
         self.cache_dir, self.download = Path(cache_dir), download
+        self.train_mode, self.batch_size = train_mode, batch_size
         self.images_per_class = self.max_images_per_class = 0
         self.train_classes = self.val_classes = self.test_classes = 0
         self._spec = spec
-        self._datasets: dict[str, EpisodeDataset] = {}
+        self._datasets: dict[str, EpisodeDataset | LabelledImages] = {}
 
     def _load(self) -> dict[str, SplitImages]:
         """All three splits, building their caches (and downloading, where allowed) when needed."""
@@ -234,6 +245,16 @@ class FewShotDataModule(LightningDataModule):
         dropped = set(small.tolist())
         return data.subset([name for c, name in enumerate(data.classes) if c not in dropped])
 
+    def _enough_classes(self, data: SplitImages) -> SplitImages:
+        """The train split of flat training (every image counts, whatever its class's size), or DataError below 2 classes."""
+        if len(data.classes) < 2:
+            raise DataError(
+                f"data.train_mode=flat (algo=baseline) pretrains a classifier over the training classes, but the train split "
+                f"of {self.dataset} ({self.split}) has {len(data.classes)}: give it at least 2 classes (data=folder: "
+                "train.txt or data.source.ratios), or use a meta-learner (e.g. algo=protonet)."
+            )
+        return data
+
     def setup(self, stage: str | None = None) -> None:
         """Load all splits (memory-mapped caches) and check the task shapes fit each of them."""
         if self._datasets:
@@ -241,6 +262,9 @@ class FewShotDataModule(LightningDataModule):
         loaded = self._load()
         splits: dict[str, SplitImages] = {}
         for part in PARTS:
+            if part == "train" and self.train_mode == "flat":
+                splits[part] = self._enough_classes(loaded[part])
+                continue
             shape = self._shapes["train" if part == "train" else "eval"]
             data = self._enough_images(part, loaded[part], shape)
             (way_key, n_way), dropped = shape.n_way, len(loaded[part].classes) - len(data.classes)
@@ -264,6 +288,9 @@ class FewShotDataModule(LightningDataModule):
         for part in PARTS:
             shape = self._shapes["train" if part == "train" else "eval"]
             data = splits[part]
+            if part == "train" and self.train_mode == "flat":
+                self._datasets[part] = LabelledImages(data.images, data.starts, data.counts, self.seed, self.batch_size * self.batches_per_epoch)
+                continue
             self._datasets[part] = EpisodeDataset(
                 data.images,
                 part,
@@ -315,15 +342,15 @@ class FewShotDataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """This rank's share of batches_per_epoch meta-batches of training tasks, for the current epoch."""
+        """This rank's share of batches_per_epoch meta-batches of training tasks (or image batches), for the current epoch."""
         rank, world = self._rank_world()
-        if self.meta_batch_size % world:
+        key, per_step = ("batch_size", self.batch_size) if self.train_mode == "flat" else ("meta_batch_size", self.meta_batch_size)
+        if per_step % world:
             raise ConfigError(
-                f"data.meta_batch_size={self.meta_batch_size} does not split evenly over {world} processes: "
-                f"choose a multiple of {world}."
+                f"data.{key}={per_step} does not split evenly over {world} processes: choose a multiple of {world}."
             )
         epoch, start = self._resume_position()
-        sampler = TrainTaskSampler(self.meta_batch_size, self.batches_per_epoch, rank, world, epoch, start)
+        sampler = TrainTaskSampler(per_step, self.batches_per_epoch, rank, world, epoch, start)
         return self._loader("train", sampler)
 
     def val_dataloader(self) -> DataLoader:
@@ -355,7 +382,7 @@ class FewShotDataModule(LightningDataModule):
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         """Convert the uint8 images of a batch, already on the training device, to normalized float32."""
-        for key in ("support_x", "query_x"):
-            if batch[key].dtype == torch.uint8:
+        for key in ("support_x", "query_x", "x"):
+            if key in batch and batch[key].dtype == torch.uint8:
                 batch[key] = self.normalize(batch[key])
         return batch

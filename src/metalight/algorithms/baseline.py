@@ -1,0 +1,138 @@
+"""Baseline and Baseline++ (Chen et al. 2019) and RFS-simple (Tian et al. 2020): pretrain on all training classes, fit a head per task."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metalight.algorithms.base import EpisodicModule, OptimizerFactory, SchedulerFactory, require_features_and_head
+from metalight.algorithms.functional import TaskOutcome, accuracy
+from metalight.algorithms.heads import HEADS, FitRecipe, fit_heads, fit_logistic, pretraining_classifier
+from metalight.algorithms.reptile import task_generator
+from metalight.errors import ConfigError
+
+
+class Baseline(EpisodicModule):
+    """The body (model.features) and a classifier over every training class, trained with cross-entropy on labelled images.
+
+    Training batches are minibatches of images (data.train_mode=flat), not tasks. At validation and test
+    the classifier is dropped: each task's support and query images are embedded as one batch (with
+    model.track_running_stats=true, as the protocols set, each embedding uses BatchNorm's running
+    statistics and is independent of the others), a new head is fitted on the support embeddings
+    and scores the queries. `head`: linear (Baseline: linear pretraining classifier, linear head fitted
+    by SGD), cosine (Baseline++: cosine classifier in both places) or logistic (RFS-simple: linear
+    pretraining classifier, scikit-learn's logistic regression on L2-normalized embeddings). The SGD
+    heads report the query accuracy after every pass over the support set (acc_step{k}); heads.py has
+    the authors' recipes.
+    """
+
+    train_mode = "flat"
+    throughput_metric = "train/images_per_s"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        head: str = "linear",
+        scale: float | None = None,
+        num_classes: int | None = None,
+        fit_epochs: int = 100,
+        fit_batch_size: int = 4,
+        fit_lr: float = 0.01,
+        fit_momentum: float = 0.9,
+        fit_dampening: float = 0.9,
+        fit_weight_decay: float = 0.001,
+        seed: int = 0,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+        gradient_clip_val: float | None = None,
+        max_nonfinite_steps: int = 10,
+    ) -> None:
+        require_features_and_head(model, "algo=baseline")
+        if head not in HEADS:
+            raise ConfigError(f"algo.head={head!r} is not known: use linear (Baseline), cosine (Baseline++) or logistic (RFS-simple).")
+        if scale is not None and not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0):
+            raise ConfigError(f"algo.scale={scale!r} is not valid: use a number > 0, or null for Chen et al.'s (2, or 10 above 200 classes).")
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2):
+            raise ConfigError(f"algo.num_classes={num_classes!r} is not valid: use a whole number >= 2, or null for the training classes.")
+        self.embedding_dim = getattr(model.head, "in_features", None)
+        if not isinstance(self.embedding_dim, int):
+            raise ConfigError(
+                f"algo=baseline reads the embedding size from model.head.in_features, which {type(model.head).__name__} lacks: "
+                "give the model a linear head (nn.Linear(embedding size, n_way))."
+            )
+        model.head = nn.Identity()  # model(x) is now the embedding
+        super().__init__(model, optimizer, scheduler, gradient_clip_val, "auto", max_nonfinite_steps, transductive=True)
+        self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
+        self.head_type, self.scale, self.num_classes, self.seed = head, scale, num_classes, seed
+        self.recipe = FitRecipe(fit_epochs, fit_batch_size, fit_lr, fit_momentum, fit_dampening, fit_weight_decay)
+        self.classifier: nn.Module | None = None
+        if num_classes is not None:
+            self.build_classifier(num_classes)
+
+    @property
+    def eval_steps(self) -> int | None:
+        """Passes of the SGD heads over the support set (one accuracy each); None for the logistic head (no steps)."""
+        return None if self.head_type == "logistic" else self.recipe.epochs
+
+    def batch_size_of(self, batch: dict[str, Tensor]) -> int:
+        """Images in a training batch."""
+        return batch["x"].shape[0]
+
+    def build_classifier(self, outputs: int) -> None:
+        """The pretraining classifier over `outputs` classes (cosine for Baseline++, else linear)."""
+        self.classifier = pretraining_classifier(self.head_type, self.embedding_dim, outputs, self.scale)
+
+    def setup(self, stage: str) -> None:
+        """Build the classifier over the data's training classes, unless algo.num_classes or a loaded checkpoint built it."""
+        classes = getattr(self.trainer.datamodule, "train_classes", None) if self._trainer is not None else None
+        if self.classifier is None:
+            if not classes:
+                raise ConfigError("algo=baseline needs the number of training classes: train with FewShotDataModule, or set algo.num_classes.")
+            self.build_classifier(classes)
+        outputs = next(p.shape[0] for p in self.classifier.parameters())
+        if classes and classes > outputs:
+            raise ConfigError(f"algo.num_classes={outputs} but the data has {classes} training classes: set algo.num_classes=null (or >= {classes}).")
+
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Build the classifier from the checkpoint's shapes when setup() has not yet (eval.py loads weights before testing)."""
+        if self.classifier is None:
+            shapes = [v.shape[0] for k, v in state_dict.items() if k.startswith("classifier.")]
+            if shapes:
+                self.build_classifier(shapes[0])
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def default_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        """Adam(lr=1e-3), Chen et al.'s."""
+        return torch.optim.Adam(params, lr=1e-3)
+
+    def compute_meta_gradient(self, batch: dict[str, Tensor], measure: bool) -> TaskOutcome:
+        """Cross-entropy of the classifier on a batch of labelled images, backpropagated (DDP averages it); accs [1, 1]."""
+        logits = self.classifier(self.model(batch["x"]))
+        loss = F.cross_entropy(logits, batch["y"])
+        self.manual_backward(loss)
+        return TaskOutcome(loss.detach().unsqueeze(0), accuracy(logits.detach(), batch["y"]).view(1, 1), {}, logits.new_zeros(0))
+
+    def embed_tasks(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Support and query embeddings [B, S, D] and [B, Q, D], each task's images embedded as one batch, without gradients."""
+        shots = batch["support_x"].shape[1]
+        with torch.no_grad():
+            embedded = torch.stack([self.model(torch.cat([s, q])) for s, q in zip(batch["support_x"], batch["query_x"])])
+        return embedded[:, :shots], embedded[:, shots:]
+
+    def evaluate_tasks(self, batch: dict[str, Tensor], stream: str, task_ids: list[int], keep_logits: bool = False) -> TaskOutcome:
+        """Fit a new head per task on its support embeddings and score its queries: accs [B, P] (P = fit_epochs + 1, or 1 for logistic)."""
+        z_support, z_query = self.embed_tasks(batch)
+        support_y, query_y = batch["support_y"], batch["query_y"]
+        if self.head_type == "logistic":
+            logits = fit_logistic(z_support, support_y, z_query)
+        else:
+            n_way = int(support_y[0].max()) + 1
+            generators = [task_generator(self.seed, stream, 0, task) for task in task_ids]
+            with torch.enable_grad():
+                logits = fit_heads(self.head_type, z_support, support_y, z_query, n_way, self.recipe, generators, self.scale)
+        accs = (logits.argmax(-1) == query_y.unsqueeze(1)).float().mean(-1)
+        loss = F.cross_entropy(logits[:, -1].flatten(0, 1), query_y.flatten(), reduction="none").view(len(query_y), -1).mean(1)
+        return TaskOutcome(loss, accs, {}, logits if keep_logits else logits.new_zeros(0))

@@ -1,0 +1,110 @@
+"""algo=baseline: the heads fitted per task (deterministic, they separate what is separable), pretraining, and bad input."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from algo_tasks import make_batch, make_trainer, tiny_conv4
+
+from metalight.algorithms import Baseline
+from metalight.algorithms.heads import FitRecipe, fit_heads, fit_logistic
+from metalight.algorithms.reptile import task_generator
+from metalight.errors import ConfigError
+from metalight.training import build
+from synthetic_data import write_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+N_WAY, SHOTS, QUERIES, DIM = 4, 3, 5, 6
+
+
+def separable(tasks: int = 3, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Support and query embeddings of N_WAY well separated clusters (one per class, a random direction each) per task."""
+    generator = torch.Generator().manual_seed(seed)
+    centers = torch.randn(tasks, N_WAY, DIM, generator=generator) * 4
+
+    def points(per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.arange(N_WAY).repeat_interleave(per_class).repeat(tasks, 1)
+        noise = 0.1 * torch.randn(tasks, N_WAY * per_class, DIM, generator=generator)
+        return torch.gather(centers, 1, labels.unsqueeze(-1).expand(-1, -1, DIM)) + noise, labels
+
+    (zs, ys), (zq, yq) = points(SHOTS), points(QUERIES)
+    return zs, ys, zq, yq
+
+
+def accuracies(logits: torch.Tensor, query_y: torch.Tensor) -> torch.Tensor:
+    """[B, P] accuracy of logits [B, P, Q, N]."""
+    return (logits.argmax(-1) == query_y.unsqueeze(1)).float().mean(-1)
+
+
+def generators(seed: int, tasks: int = 3) -> list[torch.Generator]:
+    return [task_generator(seed, "test", 0, task) for task in range(tasks)]
+
+
+@pytest.mark.parametrize("head", ["linear", "cosine"])
+def test_sgd_heads_separate_separable_embeddings_and_learn_by_steps(head):
+    zs, ys, zq, yq = separable()
+    accs = accuracies(fit_heads(head, zs, ys, zq, N_WAY, FitRecipe(), generators(0)), yq)
+    assert accs.shape == (3, FitRecipe().epochs + 1)
+    assert (accs[:, -1] == 1).all(), accs[:, -1]
+    assert (accs[:, 0] < 1).any(), "the untrained head already separated them: the test cannot tell fitting from luck"
+
+
+def test_logistic_head_separates_separable_embeddings():
+    zs, ys, zq, yq = separable()
+    logits = fit_logistic(zs, ys, zq)
+    assert logits.shape == (3, 1, N_WAY * QUERIES, N_WAY)
+    assert (accuracies(logits, yq) == 1).all()
+    shuffled = fit_logistic(zs, ys[:, torch.randperm(ys.shape[1], generator=torch.Generator().manual_seed(0))], zq)
+    assert (accuracies(shuffled, yq) < 1).all(), "it scored 100% on shuffled support labels too"
+
+
+@pytest.mark.parametrize("head", ["linear", "cosine"])
+def test_fitted_head_is_a_function_of_the_seed_and_task_alone(head):
+    zs, ys, zq, _ = separable()
+    recipe = FitRecipe(epochs=3)
+    first = fit_heads(head, zs, ys, zq, N_WAY, recipe, generators(7))
+    assert torch.equal(first, fit_heads(head, zs, ys, zq, N_WAY, recipe, generators(7)))
+    assert not torch.equal(first, fit_heads(head, zs, ys, zq, N_WAY, recipe, generators(8)))
+    alone = fit_heads(head, zs[1:2], ys[1:2], zq[1:2], N_WAY, recipe, generators(7)[1:2])  # task 1 without its batch mates
+    torch.testing.assert_close(alone[0], first[1])
+
+
+@pytest.mark.parametrize("head", ["linear", "cosine", "logistic"])
+def test_pretraining_steps_and_evaluation_through_lightning(head, one_thread):
+    """A few steps on labelled images move body and classifier; evaluation scores every task at every recorded step."""
+    algorithm = Baseline(tiny_conv4(n_way=3), head=head, num_classes=5, fit_epochs=2, seed=0)
+    start = {k: v.clone() for k, v in algorithm.state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+    images = [{"x": torch.randn(6, 1, 8, 8, generator=generator), "y": torch.randint(0, 5, (6,), generator=generator)} for _ in range(3)]
+    trainer = make_trainer(max_steps=3)
+    trainer.fit(algorithm, torch.utils.data.DataLoader(images, batch_size=None))
+    moved = {k for k, v in algorithm.state_dict().items() if not torch.equal(start[k], v)}
+    assert any(k.startswith("classifier.") for k in moved) and any(k.startswith("model.features.") for k in moved)
+    outcome = algorithm.evaluate_tasks(make_batch(2, n_way=3), "val", [0, 1], keep_logits=True)
+    points = 1 if head == "logistic" else 3
+    assert outcome.accs.shape == (2, points) and outcome.logits.shape == (2, points, 6, 3) and outcome.loss.shape == (2,)
+
+
+def test_an_unknown_head_is_one_clear_error(compose_train):
+    with pytest.raises(ConfigError, match=r"algo.head='svm' is not known: use linear \(Baseline\), cosine \(Baseline\+\+\) or logistic"):
+        build(compose_train("algo=baseline", "algo.head=svm"))
+
+
+@pytest.mark.slow
+def test_no_training_classes_is_one_line_exit_status_2_and_nothing_written(tmp_path, cache_dir):
+    root = write_folder(tmp_path / "images", {"a": 3, "b": 3, "c": 3})
+    for part, names in (("train", "a"), ("val", "b"), ("test", "c")):
+        (root / f"{part}.txt").write_text(names + "\n")
+    env = dict(os.environ, METALIGHT_CACHE=str(cache_dir), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    command = [sys.executable, str(ROOT / "train.py"), "algo=baseline", "data=folder", f"data.root={root}", "data.split=lists",
+               f"paths.log_dir={tmp_path / 'logs'}", "trainer.accelerator=cpu", "model=conv4_strided", "data.n_way=1",
+               "data.num_workers=0", "data.persistent_workers=false", "data.image_size=8"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-2000:]
+    assert "data.train_mode=flat (algo=baseline) pretrains a classifier over the training classes, but the train split" in output
+    assert "Traceback" not in output and len([line for line in output.splitlines() if "Error" in line]) == 1
+    assert not list(tmp_path.glob("logs/*/runs/*")), "the stopped run left its folder behind"
