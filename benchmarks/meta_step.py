@@ -9,7 +9,8 @@ the raw meta-step (`"path": "lightning"`, `lightning_overhead` = extra time per 
 * --algos: maml, fomaml, reptile (the default: the rows of RESULTS.md, within `make gpu-check`'s time
   budget) and, on request, anil, metasgd, mamlpp, protonet.
 * Inputs are random tensors of the shapes of each case; the network is model=conv4 (64 filters on
-  Omniglot, 32 on miniImageNet); k_query is 15 as in conf/data/*.yaml.
+  Omniglot, 32 on miniImageNet), or model=resnet12 (64-160-320-640) for a case named *_resnet12 (not
+  run unless named in --cases: a meta-step takes minutes on one CPU thread); k_query is 15 as in conf/data/*.yaml.
 * One meta-step = adapt every task, meta-gradient, outer step: Adam(lr=1e-3) over every meta-parameter
   (learned step sizes and MAML++'s per-step BatchNorm weights included), SGD(lr=1) for Reptile.
   metalight's step runs the algorithm's own code: its LightningModule, built with task_parallel = the
@@ -32,7 +33,7 @@ the raw meta-step (`"path": "lightning"`, `lightning_overhead` = extra time per 
   and runs torch.optim.Adam. MAML++ has no learn2learn counterpart: its ratio is against the MAML
   reference with the same inner steps (the field "reference" names the algorithm the reference path
   runs). With learn2learn importable, its MAML is timed too (maml and fomaml rows).
-* tasks_per_s: meta_batch / median seconds per meta-step over `--repeats` steps after one warm-up,
+* ms_per_step: median milliseconds per meta-step; tasks_per_s: meta_batch / median seconds per meta-step over `--repeats` steps after one warm-up,
   the paths taking turns. Seconds are CPU time of this process on CPU (so that other jobs on a
   shared machine do not count; with --threads 1 it equals wall time on an idle machine), wall time
   on GPU.
@@ -62,7 +63,7 @@ from torch import Tensor, nn
 from metalight.algorithms import ANIL, MAML, EpisodicModule, MAMLpp, MetaSGD, ProtoNet
 from metalight.algorithms.base import OptimizerFactory
 from metalight.algorithms.functional import InnerLoop, make_task_fn, run_tasks, split_state
-from metalight.models import Conv4
+from metalight.models import Conv4, ResNet12
 
 Batch = dict[str, Tensor]
 
@@ -71,7 +72,11 @@ CASES = {
     "omniglot_5w1s": (1, 28, 5, 1, 15, 32, 1, 64),
     "omniglot_20w1s": (1, 28, 20, 1, 15, 16, 5, 64),
     "miniimagenet_5w1s": (3, 84, 5, 1, 15, 4, 5, 32),
+    # ResNet-12 (the filters field is unused): one task per meta-step, each costs minutes on one CPU thread
+    "miniimagenet_5w1s_resnet12": (3, 84, 5, 1, 15, 1, 5, 0),
 }
+RESNET12_SUFFIX = "_resnet12"
+DEFAULT_CASES = [case for case in CASES if not case.endswith(RESNET12_SUFFIX)]
 DEFAULT_ALGOS = ("maml", "fomaml", "reptile")
 ALGOS = (*DEFAULT_ALGOS, "anil", "metasgd", "mamlpp", "protonet")
 PATHS = ("vmap", "loop", "reference")
@@ -88,7 +93,10 @@ def make_case(name: str, device: torch.device) -> tuple[nn.Module, Batch]:
     """The network and one random meta-batch of case `name` (labels class-major, as the data contract says)."""
     channels, size, n_way, k_shot, k_query, meta_batch, _, hidden = CASES[name]
     torch.manual_seed(0)
-    model = Conv4(channels, n_way, hidden=hidden, image_size=size).to(device)
+    if name.endswith(RESNET12_SUFFIX):
+        model = ResNet12(channels, n_way, image_size=size).to(device)
+    else:
+        model = Conv4(channels, n_way, hidden=hidden, image_size=size).to(device)
     batch = {
         "support_x": torch.randn(meta_batch, n_way * k_shot, channels, size, size),
         "support_y": torch.arange(n_way).repeat_interleave(k_shot).repeat(meta_batch, 1),
@@ -407,7 +415,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=5, help="timed meta-steps per measurement (median)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: fair on a shared machine)")
-    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, choices=list(CASES), help="default: %(default)s")
     parser.add_argument("--algos", nargs="+", default=list(DEFAULT_ALGOS), choices=ALGOS, help="default: %(default)s")
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS, help="reference is always timed")
     parser.add_argument("--no-lightning", action="store_true", help="skip the Lightning overhead measurement")
@@ -428,7 +436,7 @@ def main() -> None:
             for path in steps:
                 line = {
                     "algo": algo, "case": case, "path": path, "device": device.type, "meta_batch": meta_batch,
-                    "tasks_per_s": round(meta_batch / seconds[path], 2),
+                    "ms_per_step": round(1000 * seconds[path], 1), "tasks_per_s": round(meta_batch / seconds[path], 2),
                     "peak_mib": round(peak_mib(algo, case, path, device, args.threads), 1),
                     "ratio_vs_reference": round(seconds["reference"] / seconds[path], 3),
                     "reference": REFERENCE_ALGO.get(algo, algo),
