@@ -83,7 +83,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         if top_k != 1 or trainer.world_size > 1:
             raise ConfigError(f"episodes={cfg.episodes} scores one checkpoint in one process: drop ensemble_top_k, set trainer.devices=1.")
         load_weights(algorithm, checkpoint, checkpoint_path)
-        results, out = evaluate_episodes(cfg, run_cfg, objects, checkpoint, checkpoint_path)
+        results, out = evaluate_episodes(cfg, objects, checkpoint, checkpoint_path)
     elif top_k == 1:
         load_weights(algorithm, checkpoint, checkpoint_path)
         trainer.test(algorithm, datamodule=objects["datamodule"], verbose=False)

@@ -29,11 +29,11 @@ LAKE_RUNS = "lake_runs"
 LAKE_PUBLISHED = {"people": 4.5, "Bayesian Program Learning": 3.3, "Siamese convnet (Koch et al.)": 8.0, "deep convnet (Lake et al.)": 13.5}
 
 
-def read_named_episodes(cfg: DictConfig, run_cfg: DictConfig) -> list[Episode]:
+def read_named_episodes(cfg: DictConfig) -> list[Episode]:
     """The episodes `cfg.episodes` names: Lake's runs under the data folder (fetched if allowed) or those of a file."""
     if cfg.episodes == LAKE_RUNS:
         omniglot = Path(cfg.paths.data_dir) / "omniglot"
-        return load_lake_runs(omniglot, bool(run_cfg.data.get("download", False)), cfg.lake_runs.url, cfg.lake_runs.md5)
+        return load_lake_runs(omniglot, cfg.lake_runs.download, cfg.lake_runs.url, cfg.lake_runs.md5)
     return read_episodes(cfg.episodes)
 
 
@@ -50,9 +50,9 @@ def score_episodes(algorithm: EpisodicModule, trainer: pl.Trainer, batches: list
     return dict(algorithm.test_results), logits
 
 
-def evaluate_episodes(cfg: DictConfig, run_cfg: DictConfig, objects: dict[str, Any], checkpoint: dict[str, Any], path: Path) -> tuple[dict[str, Any], Path]:
+def evaluate_episodes(cfg: DictConfig, objects: dict[str, Any], checkpoint: dict[str, Any], path: Path) -> tuple[dict[str, Any], Path]:
     """Score the checkpoint (weights loaded) on cfg.episodes; the results and the file they belong in (beside the checkpoint)."""
-    episodes = read_named_episodes(cfg, run_cfg)
+    episodes = read_named_episodes(cfg)
     batches = episode_batches(episodes, restore_image_format(objects["datamodule"], checkpoint, path))
     results, logits = score_episodes(objects["algorithm"], objects["trainer"], batches)
     accs = [float((lg.argmax(-1) == b["query_y"][0].to(lg.device)).double().mean()) for lg, b in zip(logits, batches)]

@@ -38,9 +38,9 @@ class FewShotLearner:
         self._support: tuple[Tensor, Tensor] | None = None
 
     @classmethod
-    def load(cls, run: str | Path, device: str | torch.device = "cpu") -> FewShotLearner:
-        """The learner a run trained: `run` is its folder (last.ckpt), a checkpoint inside its checkpoints/, or "last"."""
-        path = resolve_checkpoint(run, Path("logs") / "train" / "runs")
+    def load(cls, run: str | Path, device: str | torch.device = "cpu", runs_dir: Path = Path("logs/train/runs")) -> FewShotLearner:
+        """The learner a run trained: `run` is its folder (last.ckpt), a checkpoint inside its checkpoints/, or "last" (newest under runs_dir)."""
+        path = resolve_checkpoint(run, runs_dir)
         checkpoint = load_checkpoint(path)
         config = saved_run_config(path)
         datamodule, algorithm = build_data_and_algorithm(config)

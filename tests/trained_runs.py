@@ -1,0 +1,60 @@
+"""Run folders as train.py leaves them, made in a second from untrained weights, and the noise images they read."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from metalight.training import build_data_and_algorithm
+
+ALGORITHMS = ("maml", "fomaml", "reptile", "anil", "metasgd", "mamlpp", "protonet")
+CLASSES, PER_CLASS, FILE_SIZE, IMAGE_SIZE = 12, 3, 12, 8  # noise images 12x12, read at 8x8 (resized)
+SHAPE = (
+    f"data.image_size={IMAGE_SIZE}", "data.n_way=2", "data.k_shot=1", "data.k_query=2", "data.source.ratios=[0.5,0.25,0.25]",
+    "data.meta_batch_size=2", "data.eval_batch_size=2", "data.n_val_tasks=2", "data.n_test_tasks=2", "data.batches_per_epoch=1",
+    "model=conv4_strided", "model.hidden=4",
+)
+
+
+def quick(algo: str) -> tuple[str, ...]:
+    """Overrides that make `algo` cheap to evaluate (two evaluation inner steps)."""
+    return (f"algo={algo}",) if algo == "protonet" else (f"algo={algo}", "algo.eval_inner_steps=2")
+
+
+def write_noise(root: Path) -> Path:
+    """CLASSES class folders under root of PER_CLASS random RGB images, each FILE_SIZE pixels square."""
+    rng = np.random.default_rng(0)
+    for c in range(CLASSES):
+        (root / f"class{c:02d}").mkdir(parents=True)
+        for j in range(PER_CLASS):
+            Image.fromarray(rng.integers(0, 256, (FILE_SIZE, FILE_SIZE, 3), dtype=np.uint8)).save(root / f"class{c:02d}" / f"{j}.png")
+    return root
+
+
+def make_run(compose_in, folder: Path, images: Path, algo: str) -> Path:
+    """A run folder as train.py leaves it (.hydra/config.yaml, checkpoints/last.ckpt with the data's mean/std), untrained weights."""
+    cfg = compose_in(folder, "data=folder", f"data.root={images}", *SHAPE, *quick(algo))
+    run = folder / "run"
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save({k: v for k, v in cfg.items() if k != "hydra"}, run / ".hydra" / "config.yaml")
+    datamodule, algorithm = build_data_and_algorithm(cfg)
+    datamodule.setup()
+    (run / "checkpoints").mkdir()
+    checkpoint = {"state_dict": algorithm.state_dict(), "hyper_parameters": dict(algorithm.hparams), "FewShotDataModule": datamodule.state_dict()}
+    torch.save(checkpoint, run / "checkpoints" / "last.ckpt")
+    return run
+
+
+def write_episodes(path: Path, images: Path, episodes: list[dict[str, list[str]]]) -> Path:
+    """A JSON episodes file: each episode {class: [support file names]} + the other files of those classes as queries."""
+    listed = []
+    for support in episodes:
+        query = {c: [f"{c}/{f.name}" for f in sorted((images / c).iterdir()) if f.name not in names] for c, names in support.items()}
+        listed.append({"support": {c: [f"{c}/{name}" for name in names] for c, names in support.items()}, "query": query})
+    path.write_text(json.dumps({"episodes": listed}))
+    return path
