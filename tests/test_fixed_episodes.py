@@ -1,4 +1,4 @@
-"""eval.py episodes=: exactly the episodes of a JSON or CSV file, Lake's 20 one-shot runs, and the errors of bad episode files."""
+"""eval.py episodes=: exactly the episodes of a JSON or CSV file, Lake's 20 one-shot runs, bad episode files; within-alphabet tasks."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
+from metalight.data import FewShotDataModule
 from metalight.data.lake_runs import load_lake_runs
 from metalight.errors import DataError
 from metalight.evaluation import evaluate
-from trained_runs import make_run, write_episodes, write_noise
+from trained_runs import make_run, write_episodes, write_mini_omniglot, write_noise
 
 LAKE = {"url": "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/one-shot-classification/all_runs.zip", "md5": "e8996daecdf12afeeb4a53a179f06b19"}
 
@@ -99,3 +101,22 @@ def test_lake_runs_missing_offline_is_one_line_naming_the_file(compose_in, run, 
     with pytest.raises(DataError, match=r"Lake's one-shot runs not found: neither .*one_shot_runs/ nor .*one_shot_runs\.zip exists"):
         load_lake_runs(tmp_path / "empty" / "omniglot", False, **LAKE)
     assert not list((tmp_path / "empty").rglob("*.zip"))
+
+
+@pytest.mark.parametrize("within", [True, False])
+def test_within_alphabet_tasks_take_their_characters_from_one_alphabet(data_dir, tmp_path, within):
+    alphabets = {"images_background": ["Latin", "Greek", "Balinese"], "images_evaluation": ["Angelic", "Tengwar"]}
+    root = write_mini_omniglot(tmp_path / "data", data_dir, alphabets)
+    options = dict(dataset="omniglot", root=str(root.parent), split="lake", image_size=28, n_way=2, k_shot=1, k_query=1,
+                   cache_dir=str(tmp_path / "cache"), eval_batch_size=12, n_test_tasks=12, mean=[0.0], std=[1.0])
+    datamodule = FewShotDataModule(**options, within_alphabet=within)
+    datamodule.setup()
+    files = sorted((root / "images_evaluation").glob("*/*/*.png"))
+    by_file = datamodule.image_format()(files)
+    support = next(iter(datamodule.test_dataloader()))["support_x"]
+    alphabet = [[files[next(i for i, mine in enumerate(by_file) if torch.equal(datamodule.normalize(image), mine))].parts[-3] for image in task] for task in support]
+    mixed = sum(len(set(task)) > 1 for task in alphabet)
+    assert mixed == 0 if within else mixed > 0
+    if within:
+        with pytest.raises(DataError, match=r"no alphabet of the train split of omniglot \(lake\) has data.n_way_train=3 characters \(the largest has 2\)"):
+            FewShotDataModule(**options, n_way_train=3, within_alphabet=True).setup()  # 4 training characters, 2 per alphabet

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ from metalight.fixed_episodes import episode_batches, score_episodes
 from metalight.learner import FewShotLearner
 from metalight.runs import load_weights, restore_image_format
 from metalight.training import build, train
-from trained_runs import ALGORITHMS, IMAGE_SIZE, SHAPE, make_run, write_episodes, write_noise
+from trained_runs import ALGORITHMS, IMAGE_SIZE, SHAPE, make_run, write_episodes, write_mini_omniglot, write_noise
 
 
 @pytest.fixture(scope="module")
@@ -73,15 +72,7 @@ def test_a_file_through_the_learner_is_the_tensor_the_datamodule_yields(compose_
 
 
 def test_omniglot_files_are_inverted_resized_and_normalized_as_the_datamodule_does(data_dir, tmp_path, one_thread):
-    root = tmp_path / "data" / "omniglot"
-    with zipfile.ZipFile(data_dir / "omniglot" / "images_evaluation.zip") as zf:
-        pngs = sorted(n for n in zf.namelist() if n.endswith(".png"))[:12]
-        for i, (archive, alphabet) in enumerate((("images_background", "Latin"), ("images_background", "Balinese"), ("images_evaluation", "Angelic"))):
-            for character in range(2):
-                for drawing in range(2):
-                    target = root / archive / alphabet / f"character0{character + 1}" / f"{drawing}.png"
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    target.write_bytes(zf.read(pngs[4 * i + 2 * character + drawing]))
+    root = write_mini_omniglot(tmp_path / "data", data_dir, {"images_background": ["Latin", "Balinese"], "images_evaluation": ["Angelic"]})
     options = dict(dataset="omniglot", root=str(root.parent), split="lake", image_size=28, n_way=2, k_shot=1, k_query=1,
                    mean=[0.1], std=[0.5], cache_dir=str(tmp_path / "cache"), eval_batch_size=1, n_test_tasks=1)
     datamodule = FewShotDataModule(**options)

@@ -1,8 +1,9 @@
-"""Run folders as train.py leaves them, made in a second from untrained weights, and the noise images they read."""
+"""Run folders as train.py leaves them, made in a second from untrained weights, the noise images they read, and a tiny Omniglot."""
 
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -58,3 +59,18 @@ def write_episodes(path: Path, images: Path, episodes: list[dict[str, list[str]]
         listed.append({"support": {c: [f"{c}/{name}" for name in names] for c, names in support.items()}, "query": query})
     path.write_text(json.dumps({"episodes": listed}))
     return path
+
+
+def write_mini_omniglot(root: Path, data_dir: Path, alphabets: dict[str, list[str]], characters: int = 2, drawings: int = 2) -> Path:
+    """<root>/omniglot/<archive>/<alphabet>/characterNN/<j>.png: real Omniglot drawings (distinct files) under the alphabets named per archive."""
+    folder = root / "omniglot"
+    with zipfile.ZipFile(data_dir / "omniglot" / "images_evaluation.zip") as zf:
+        pngs = iter(sorted(n for n in zf.namelist() if n.endswith(".png")))
+        for archive, names in alphabets.items():
+            for alphabet in names:
+                for character in range(1, characters + 1):
+                    for drawing in range(drawings):
+                        target = folder / archive / alphabet / f"character{character:02d}" / f"{drawing}.png"
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        target.write_bytes(zf.read(next(pngs)))
+    return folder

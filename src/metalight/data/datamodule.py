@@ -147,6 +147,7 @@ class FewShotDataModule(LightningDataModule):
         download: bool = False,
         train_mode: str = "episodes",
         batch_size: int | None = None,
+        within_alphabet: bool = False,
     ) -> None:
         super().__init__()
         if dataset not in DATASETS:
@@ -180,6 +181,8 @@ class FewShotDataModule(LightningDataModule):
         if unknown:
             known = ", ".join(spec.options) or "none"
             raise ConfigError(f"data.source.{unknown[0]} is not an option of {dataset} (its options: {known}): remove it.")
+        if within_alphabet and dataset != "omniglot":
+            raise ConfigError(f"data.within_alphabet=true draws tasks within one Omniglot alphabet, but data.dataset={dataset}: remove it.")
         if download and not spec.downloadable:
             raise ConfigError(
                 f"data.download=true is not supported for {dataset}: place it under {root} (see README, Data)."
@@ -196,7 +199,7 @@ class FewShotDataModule(LightningDataModule):
             "eval": _TaskShape(("n_way", n_way), ("k_shot", k_shot), ("k_query", k_query)),
         }
         self.meta_batch_size, self.eval_batch_size = meta_batch_size, eval_batch_size
-        self.batches_per_epoch = batches_per_epoch
+        self.batches_per_epoch, self.within_alphabet = batches_per_epoch, within_alphabet
         self.n_val_tasks, self.n_test_tasks, self.seed, self.eval_seed = n_val_tasks, n_test_tasks, seed, eval_seed
         self.mean, self.std, self.channels = mean, std, n_channels
         self.small_classes, self.source = small_classes, source
@@ -300,7 +303,25 @@ class FewShotDataModule(LightningDataModule):
                 shape.k_query[1],
                 data.starts,
                 data.counts,
+                self._alphabets(part, data, shape.n_way),
             )
+
+    def _alphabets(self, part: str, data: SplitImages, n_way: tuple[str, int]) -> np.ndarray | None:
+        """Omniglot's alphabet number of each class when tasks stay within one alphabet (data.within_alphabet), else None.
+
+        DataError when no alphabet of the split has n_way characters.
+        """
+        if not self.within_alphabet:
+            return None
+        _, groups = np.unique([name.split("/")[0] for name in data.classes], return_inverse=True)
+        (key, ways), largest = n_way, int(np.bincount(groups).max())
+        if largest < ways:
+            raise DataError(
+                f"data.within_alphabet=true draws each task within one alphabet, but no alphabet of the {part} split of "
+                f"omniglot ({self.split}) has data.{key}={ways} characters (the largest has {largest}): lower data.{key} "
+                "or set data.within_alphabet=false."
+            )
+        return groups
 
     def _rank_world(self) -> tuple[int, int]:
         """(global rank, world size) of the attached trainer, (0, 1) without one."""

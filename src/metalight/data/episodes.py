@@ -36,7 +36,9 @@ class EpisodeDataset(Dataset):
     """A split as few-shot tasks: dataset[[(epoch, index), ...]] is the meta-batch of those tasks.
 
     `images` is either [classes, per_class, C, H, W] (every class the same count) or [n_images, C, H, W]
-    with `starts` and `counts`: class c is images[starts[c] : starts[c] + counts[c]].
+    with `starts` and `counts`: class c is images[starts[c] : starts[c] + counts[c]]. With `groups` (a group
+    number per class, e.g. Omniglot's alphabets) a task first draws one of the groups holding at least
+    n_way classes, uniformly, then its classes within that group; without, tasks are drawn as before.
     """
 
     def __init__(
@@ -49,6 +51,7 @@ class EpisodeDataset(Dataset):
         k_query: int,
         starts: np.ndarray | None = None,
         counts: np.ndarray | None = None,
+        groups: np.ndarray | None = None,
     ) -> None:
         if starts is None or counts is None:
             n_classes, per_class = images.shape[:2]
@@ -66,13 +69,20 @@ class EpisodeDataset(Dataset):
                 f"{split}: {len(self.counts)} classes (smallest {self.counts.min(initial=0)} images) cannot "
                 f"give {n_way}-way tasks of {k_shot} + {k_query} images per class"
             )
+        self.members = None if groups is None else [c for c in (np.flatnonzero(groups == g) for g in np.unique(groups)) if len(c) >= n_way]
+        if self.members is not None and not self.members:
+            raise ValueError(f"{split}: no group holds {n_way} classes")
         self._support_y = torch.arange(n_way).repeat_interleave(k_shot)
         self._query_y = torch.arange(n_way).repeat_interleave(k_query)
 
     def choose(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Class rows [n_way] and image positions within each class [n_way, k_shot + k_query] of task `index` of `epoch`."""
         rng = np.random.default_rng([self.seed, SPLIT_CODES[self.split], epoch, index])
-        classes = rng.choice(self.n_classes, self.n_way, replace=False)
+        if self.members is None:
+            classes = rng.choice(self.n_classes, self.n_way, replace=False)
+        else:
+            group = self.members[rng.integers(len(self.members))]
+            classes = group[rng.choice(len(group), self.n_way, replace=False)]
         # the k_shot + k_query smallest of iid uniform keys: a uniformly random ordered sample per class
         keys = rng.random((self.n_way, self.per_class))
         if self.ragged:  # positions past a class's own count can never be among the smallest
