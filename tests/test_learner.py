@@ -46,7 +46,7 @@ def test_predict_gives_the_logits_eval_py_scores_the_episode_with(compose_in, no
     assert logits.shape == (4, 2) and logits.std() > 0
     assert torch.equal(logits, eval_logits)
     assert torch.allclose(learner.predict(queries), eval_logits.softmax(-1)) and learner.classes == ["class03", "class07"]
-    if algo == "protonet":  # no fixed head: any number of ways; the body embeds
+    if algo in ("protonet", "baseline"):  # no fixed head: any number of ways; the body embeds
         three = learner.adapt([noise / f"class0{c}" / "0.png" for c in range(3)], ["a", "b", "c"]).predict(queries)
         assert three.shape == (4, 3) and torch.allclose(three.sum(-1), torch.ones(4))
         assert learner.embed(queries).shape == (4, 4)

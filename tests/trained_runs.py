@@ -13,7 +13,7 @@ from PIL import Image
 
 from metalight.training import build_data_and_algorithm
 
-ALGORITHMS = ("maml", "fomaml", "reptile", "anil", "metasgd", "mamlpp", "protonet")
+ALGORITHMS = ("maml", "fomaml", "reptile", "anil", "metasgd", "mamlpp", "protonet", "baseline")
 CLASSES, PER_CLASS, FILE_SIZE, IMAGE_SIZE = 12, 3, 12, 8  # noise images 12x12, read at 8x8 (resized)
 SHAPE = (
     f"data.image_size={IMAGE_SIZE}", "data.n_way=2", "data.k_shot=1", "data.k_query=2", "data.source.ratios=[0.5,0.25,0.25]",
@@ -23,8 +23,9 @@ SHAPE = (
 
 
 def quick(algo: str) -> tuple[str, ...]:
-    """Overrides that make `algo` cheap to evaluate (two evaluation inner steps)."""
-    return (f"algo={algo}",) if algo == "protonet" else (f"algo={algo}", "algo.eval_inner_steps=2")
+    """Overrides that make `algo` cheap to evaluate (two evaluation inner steps, two passes of Baseline's head fit)."""
+    cheap = {"protonet": (), "baseline": ("algo.fit_epochs=2",)}
+    return (f"algo={algo}", *cheap.get(algo, ("algo.eval_inner_steps=2",)))
 
 
 def write_noise(root: Path) -> Path:
@@ -45,6 +46,8 @@ def make_run(compose_in, folder: Path, images: Path, algo: str) -> Path:
     OmegaConf.save({k: v for k, v in cfg.items() if k != "hydra"}, run / ".hydra" / "config.yaml")
     datamodule, algorithm = build_data_and_algorithm(cfg)
     datamodule.setup()
+    if hasattr(algorithm, "build_classifier"):  # Baseline's pretraining classifier, built by fit's setup
+        algorithm.build_classifier(datamodule.train_classes)
     (run / "checkpoints").mkdir()
     checkpoint = {"state_dict": algorithm.state_dict(), "hyper_parameters": dict(algorithm.hparams), "FewShotDataModule": datamodule.state_dict()}
     torch.save(checkpoint, run / "checkpoints" / "last.ckpt")

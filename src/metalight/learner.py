@@ -53,15 +53,10 @@ class FewShotLearner:
         """The algorithm's class name (MAML, ProtoNet, ...), for messages."""
         return type(self.algorithm).__name__
 
-    def fixed_ways(self, images: Tensor) -> int | None:
-        """How many classes the model's output layer scores, for a learner that adapts it (None: any number, e.g. ProtoNets)."""
-        if not self.algorithm.adapts:
-            return None
+    def fixed_ways(self) -> int | None:
+        """How many classes the model's linear head scores (MAML family, Reptile); None when it has none (ProtoNets, Baseline: any number)."""
         head = getattr(self.algorithm.model, "head", None)
-        if isinstance(head, nn.Linear):
-            return head.out_features
-        with torch.no_grad():
-            return int(self.algorithm.model(images.to(self.algorithm.device)).shape[-1])
+        return head.out_features if isinstance(head, nn.Linear) else None
 
     def adapt(self, images: Sequence[ImageInput], labels: Sequence[Hashable]) -> FewShotLearner:
         """Take the support set: images and their labels (class names or numbers), classes in order of first appearance.
@@ -73,8 +68,7 @@ class FewShotLearner:
         if len(images) != len(labels) or not len(images):
             raise ConfigError(f"adapt() got {len(images)} images and {len(labels)} labels: give one label per image, at least one image.")
         classes = list(dict.fromkeys(labels))
-        x = self.image_format(images)
-        ways = self.fixed_ways(x)
+        ways = self.fixed_ways()
         if ways is not None and ways != len(classes):
             raise ConfigError(
                 f"this {self.name} learner scores exactly {ways} classes (its run's data.n_way), but the support set has "
@@ -82,7 +76,7 @@ class FewShotLearner:
             )
         index = {label: c for c, label in enumerate(classes)}
         self.classes = classes
-        self._support = (x, torch.tensor([index[label] for label in labels]))
+        self._support = (self.image_format(images), torch.tensor([index[label] for label in labels]))
         return self
 
     def logits(self, images: Sequence[ImageInput], task_id: int = 0) -> Tensor:
