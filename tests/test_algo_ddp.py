@@ -14,10 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from algo_tasks import EvalTasks, TrainStream, loader, make_trainer, tiny_conv4
+from algo_tasks import EvalTasks, TrainStream, loader, make_batch, make_trainer, tiny_conv4
 from lightning.pytorch.strategies import DDPStrategy
+from reptile_reference import reference_reptile
 
 from metalight.algorithms import ANIL, MAML, MAMLpp, MetaSGD, ProtoNet, Reptile
+from metalight.algorithms.functional import minibatch_indices
+from metalight.algorithms.reptile import task_generator
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,7 +28,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # inner optimizer) scales up to full steps; in float32 that noise differs with the order of the cross-rank sum
 STEPS = 2
 META_BATCH = 4  # tasks per meta-step over all processes: 2 per rank with two ranks
-ALGORITHMS = ("maml_loop", "maml_vmap", "reptile", "anil_loop", "metasgd_loop", "mamlpp_loop", "mamlpp_vmap", "protonet_loop")
+ALGORITHMS = ("maml_loop", "maml_vmap", "reptile_fresh", "anil_loop", "metasgd_loop", "mamlpp_loop", "mamlpp_vmap", "protonet_loop")
+# Reptile's persistent inner Adam: each rank carries it through its own tasks, then the ranks average it,
+# so two processes are compared with reference_reptile(shares=2), not with one process
+PER_RANK_RULE = ("reptile_persistent",)
 
 
 def build(name: str):
@@ -44,7 +50,7 @@ def build(name: str):
     if kind == "protonet":
         return ProtoNet(model, task_parallel=path)
     return Reptile(model, inner_lr=0.01, inner_steps=3, inner_batch_size=4, meta_lr=0.5, meta_lr_final=0.1,
-                   eval_inner_steps=2, eval_inner_lr=0.01, eval_inner_batch_size=4, seed=3)
+                   eval_inner_steps=2, eval_inner_lr=0.01, eval_inner_batch_size=4, seed=3, inner_state=path)
 
 
 def run(name: str, devices: int, out_dir: Path) -> None:
@@ -57,6 +63,7 @@ def run(name: str, devices: int, out_dir: Path) -> None:
     result = {
         "params": {k: v.detach().clone() for k, v in algorithm.state_dict().items()},  # learned step sizes, BN statistics too
         "val": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
+        "inner_state": getattr(algorithm, "inner_optimizer_state", None),
     }
     torch.save(result, out_dir / f"{name}-{devices}-{trainer.global_rank}.pt")
 
@@ -68,7 +75,7 @@ def test_two_processes_match_one(tmp_path):
     path = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
     env = os.environ | {"PYTHONPATH": path, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     env.pop("LOCAL_RANK", None)
-    done = subprocess.run([sys.executable, __file__, str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, __file__, str(tmp_path)], env=env, capture_output=True, text=True, timeout=150)
     assert done.returncode == 0, done.stderr[-3000:]
     for name in ALGORITHMS:
         run(name, 1, tmp_path)
@@ -86,8 +93,25 @@ def test_two_processes_match_one(tmp_path):
         start = build(name).state_dict()
         assert any(not torch.equal(start[k], v) for k, v in single["params"].items()), f"{name}: training moved nothing"
 
+    for name in PER_RANK_RULE:
+        ranks = [torch.load(tmp_path / f"{name}-2-{rank}.pt", weights_only=False) for rank in (0, 1)]
+        algorithm = build(name)
+        batches = [make_batch(META_BATCH, k_shot=3, seed=step, dtype=torch.float64) for step in range(STEPS)]
+
+        def plans(step: int, task: int) -> torch.Tensor:
+            return minibatch_indices(9, algorithm.train_loop, task_generator(3, "train", step, task))
+
+        theta, adam = reference_reptile(algorithm.model, batches, plans, lr=0.01, eps=lambda step: 0.5 - 0.4 * step / STEPS, shares=2)
+        states = [rank["inner_state"] for rank in ranks]
+        assert states[0].step == states[1].step == int(adam["state"][0]["step"]) == STEPS * 2 * 3
+        for i, (key, value) in enumerate(algorithm.model.named_parameters()):
+            assert torch.equal(ranks[0]["params"][f"model.{key}"], ranks[1]["params"][f"model.{key}"]), f"{name}: ranks differ on {key}"
+            assert torch.equal(states[0].v[key], states[1].v[key]), f"{name}: ranks hold different inner states for {key}"
+            torch.testing.assert_close(ranks[0]["params"][f"model.{key}"], theta[key], rtol=0, atol=1e-5, msg=f"{name}: {key}")
+            torch.testing.assert_close(states[0].v[key], adam["state"][i]["exp_avg_sq"], rtol=1e-6, atol=1e-12, msg=f"{name}: {key}")
+
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    for algorithm_name in ALGORITHMS:
+    for algorithm_name in ALGORITHMS + PER_RANK_RULE:
         run(algorithm_name, 2, Path(sys.argv[1]))

@@ -75,6 +75,34 @@ class TaskOutcome(NamedTuple):
     params: Params  # adapted weights (empty unless asked for)
     logits: Tensor  # query logits at each recorded step [P, N*Q, N] (empty unless keep_logits)
     batch_statistics: tuple[Tensor, ...] = ()  # per-step BatchNorm [mean; var] in call order (MAML++ BNRS)
+    # the inner Adam's moments after the task, {"m": ..., "v": ...} (only when make_task_fn got an initial_state)
+    optimizer_state: dict[str, Params] = {}
+
+
+@dataclasses.dataclass
+class InnerState:
+    """An inner Adam's state that outlives one task: its step count and first and second moments per weight.
+
+    supervised-reptile resets only the trainable weights between tasks; the optimizer's moments and
+    step count carry on for the whole run (InnerState), and every evaluation task starts from a copy.
+    """
+
+    step: int
+    m: Params
+    v: Params
+
+    @classmethod
+    def zeros(cls, params: Params) -> InnerState:
+        """The state of an Adam that has taken no step, for weights shaped like `params`."""
+        return cls(0, {k: torch.zeros_like(v) for k, v in params.items()}, {k: torch.zeros_like(v) for k, v in params.items()})
+
+    def to(self, device: torch.device) -> InnerState:
+        """The same state with its tensors on `device`."""
+        return InnerState(self.step, {k: v.to(device) for k, v in self.m.items()}, {k: v.to(device) for k, v in self.v.items()})
+
+    def after(self, outcome_state: dict[str, Params], steps: int) -> InnerState:
+        """The state a task left behind (outcome.optimizer_state, one task's) after `steps` more inner steps."""
+        return InnerState(self.step + steps, dict(outcome_state["m"]), dict(outcome_state["v"]))
 
 
 def split_state(module: nn.Module) -> tuple[Params, Params]:
@@ -192,11 +220,12 @@ def minibatch_indices(n: int, loop: InnerLoop, generator: torch.Generator) -> Te
     return torch.cat(passes)[:needed].view(loop.steps, loop.batch_size)
 
 
-def _init_state(params: Params, loop: InnerLoop) -> dict[str, Params]:
-    """Fresh inner-optimizer state for one task (Adam moments start at zero for every task)."""
+def _init_state(params: Params, loop: InnerLoop, initial: InnerState | None) -> dict[str, Any]:
+    """The inner optimizer's state at a task's start: a copy of `initial`, or fresh (Adam from step 0 and zero moments)."""
     if loop.optimizer == "sgd":
         return {}
-    return {"m": {k: torch.zeros_like(v) for k, v in params.items()}, "v": {k: torch.zeros_like(v) for k, v in params.items()}}
+    start = initial if initial is not None else InnerState.zeros(params)
+    return {"step": start.step, "m": {k: start.m[k] for k in params}, "v": {k: start.v[k] for k in params}}
 
 
 def _step_size(loop: InnerLoop, step_sizes: Params, name: str, step: int) -> Tensor | float:
@@ -212,13 +241,18 @@ def _step_size(loop: InnerLoop, step_sizes: Params, name: str, step: int) -> Ten
     return loop.lr
 
 
-def _update(params: Params, grads: Params, state: dict[str, Params], step: int, loop: InnerLoop, step_sizes: Params) -> Params:
-    """One inner SGD or Adam step on the weight dict (state is updated in place; step counts from 1)."""
+def _update(params: Params, grads: Params, state: dict[str, Any], step: int, loop: InnerLoop, step_sizes: Params) -> Params:
+    """One inner SGD or Adam step on the weight dict (Adam's state is updated in place; `step` counts this task's steps from 1).
+
+    Adam's bias corrections use its own step count (state["step"]), which a persistent state carries
+    across tasks, as torch.optim.Adam does.
+    """
     if loop.optimizer == "sgd":
         return {k: p - _step_size(loop, step_sizes, k, step) * grads[k] for k, p in params.items()}
+    state["step"] += 1
     beta1, beta2 = loop.betas
-    step_size = loop.lr / (1 - beta1**step)
-    root_correction = (1 - beta2**step) ** 0.5
+    step_size = loop.lr / (1 - beta1 ** state["step"])
+    root_correction = (1 - beta2 ** state["step"]) ** 0.5
     new = {}
     for k, p in params.items():
         state["m"][k] = beta1 * state["m"][k] + (1 - beta1) * grads[k]
@@ -262,6 +296,7 @@ def make_task_fn(
     step_sizes: Params | None = None,
     loss_weights: Sequence[float] | None = None,
     statistics_plan: list[tuple[nn.Module, int]] | None = None,
+    initial_state: InnerState | None = None,
 ) -> Callable[..., TaskOutcome]:
     """The function (params, support_x, support_y, query_x, query_y, indices) -> TaskOutcome of one task.
 
@@ -320,7 +355,7 @@ def make_task_fn(
 
             return torch.vmap(alone)(query_x)
 
-        state = _init_state(fast, loop)
+        state = _init_state(fast, loop, initial_state)
         accs, kept, weighted = [], [], []
         with recording_batch_statistics() as records:
             for step in range(loop.steps):
@@ -353,14 +388,15 @@ def make_task_fn(
             statistics_plan[:] = [(layer, step) for layer, step, _ in records]
             statistics = tuple(stats for *_, stats in records)
         weights_out = {**params, **fast} if return_params else {}
+        moments = {"m": state["m"], "v": state["v"]} if initial_state is not None and state else {}
         if record == "none":
-            return TaskOutcome(support_x.new_zeros(()), support_x.new_zeros(0), weights_out, support_x.new_zeros(0), statistics)
+            return TaskOutcome(support_x.new_zeros(()), support_x.new_zeros(0), weights_out, support_x.new_zeros(0), statistics, moments)
         accs.append(accuracy(logits.detach(), query_y))
         kept.append(logits.detach())
         loss = F.cross_entropy(logits, query_y)
         if loss_weights is not None:
             loss = sum(weighted, loss_weights[-1] * loss)
-        return TaskOutcome(loss, torch.stack(accs), weights_out, torch.stack(kept) if keep_logits else support_x.new_zeros(0), statistics)
+        return TaskOutcome(loss, torch.stack(accs), weights_out, torch.stack(kept) if keep_logits else support_x.new_zeros(0), statistics, moments)
 
     return run
 
@@ -374,6 +410,7 @@ def stack_outcomes(outcomes: Sequence[TaskOutcome]) -> TaskOutcome:
         {k: torch.stack([o.params[k] for o in outcomes]) for k in first.params},
         torch.stack([o.logits for o in outcomes]),
         tuple(torch.stack(column) for column in zip(*(o.batch_statistics for o in outcomes))),
+        {part: {k: torch.stack([o.optimizer_state[part][k] for o in outcomes]) for k in moments} for part, moments in first.optimizer_state.items()},
     )
 
 
@@ -400,6 +437,24 @@ def loop_meta_gradient(
             running += g
         outcomes.append(outcome._replace(loss=outcome.loss.detach()))
     return stack_outcomes(outcomes), total, total_extra
+
+
+def run_tasks_carrying_state(
+    task_fn_from: Callable[[InnerState], Callable[..., TaskOutcome]], params: Params, batch: dict[str, Tensor], indices: Tensor | None, state: InnerState, steps: int
+) -> tuple[TaskOutcome, InnerState]:
+    """The loop path with an inner optimizer state handed from each task to the next, in task order.
+
+    task_fn_from(state) builds the task function starting from `state`; each task takes `steps` inner
+    steps. Returns the stacked outcomes and the state the last task left (supervised-reptile's order).
+    """
+    inputs = tuple(_channels_last(batch[k]) for k in ("support_x", "support_y", "query_x", "query_y"))
+    params = {k: _channels_last(v) for k, v in params.items()}
+    outcomes = []
+    for i in range(inputs[0].shape[0]):
+        outcome = task_fn_from(state)(params, *(t[i] for t in inputs), None if indices is None else indices[i])
+        state = state.after(outcome.optimizer_state, steps)
+        outcomes.append(outcome)
+    return stack_outcomes(outcomes), state
 
 
 def run_tasks(task_fn: Callable[..., TaskOutcome], params: Params, batch: dict[str, Tensor], indices: Tensor | None, path: TaskPath, second_order: bool) -> TaskOutcome:
