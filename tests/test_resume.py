@@ -29,7 +29,8 @@ TINY = [
     "logger=csv", "test=false", "trainer.accelerator=cpu",  # exact resume is a CPU promise
 ]
 # each algorithm with what makes its state worth resuming: learned step sizes (Meta-SGD, MAML++), per-step
-# BatchNorm weights and running statistics and the MSL epoch (MAML++), a learning-rate schedule (ProtoNets)
+# BatchNorm weights and running statistics and the MSL epoch (MAML++), a learning-rate schedule (ProtoNets),
+# the inner Adam's moments and step count (Reptile)
 ALGORITHMS = {
     "maml": ["algo=maml", "algo.eval_inner_steps=1"],
     "anil": ["algo=anil", "algo.eval_inner_steps=1"],
@@ -38,6 +39,7 @@ ALGORITHMS = {
     "protonet": ["algo=protonet", "algo.scheduler.step_size=3"],
     # Baseline++: the classifier over the training classes, BatchNorm running statistics, the stream of labelled images
     "baseline": ["algo=baseline", "algo.head=cosine", "data.batch_size=4", "algo.fit_epochs=2", "model.track_running_stats=true"],
+    "reptile": ["algo=reptile", "algo.inner_steps=2", "algo.eval_inner_steps=1"],  # the persistent inner Adam state
 }
 
 
@@ -84,7 +86,12 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, data_dir, ca
         with open_dict(cfg):
             cfg.paths.output_dir = str(tmp_path / out)
         _, objects = train(cfg)
-        return objects["algorithm"].state_dict()
+        algorithm = objects["algorithm"]
+        inner = getattr(algorithm, "inner_optimizer_state", None)
+        if inner is None:
+            return algorithm.state_dict()
+        moments = {f"inner_state.{part}.{k}": v for part in ("m", "v") for k, v in getattr(inner, part).items()}
+        return algorithm.state_dict() | moments | {"inner_state.step": torch.tensor(inner.step)}
 
     for name, extra in ALGORITHMS.items():
         (killed,) = _last(tmp_path / name)
