@@ -17,7 +17,7 @@ MINI_CLASSES, MINI_IMAGES = 5, 20  # enough for 5-way tasks of 1 + 15 images per
 
 
 def test_notebooks_are_committed_without_outputs() -> None:
-    assert [p.name for p in NOTEBOOKS] == ["01_episodes.ipynb", "02_results.ipynb"]
+    assert [p.name for p in NOTEBOOKS] == ["01_episodes.ipynb", "02_results.ipynb", "03_your_task.ipynb"]
     for path in NOTEBOOKS:
         cells = [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
         assert all(not c.outputs and c.execution_count is None for c in cells), f"{path.name} holds outputs: clear them"
@@ -101,3 +101,19 @@ def test_results_notebook_on_two_short_runs(environment: Path, tmp_path: Path, m
     assert "algo=maml" in text and "algo=reptile" in text
     assert "label 4: before" in text
     assert _images(notebook) == 2  # the curves, the adapted test task
+
+
+@pytest.mark.slow
+def test_your_task_notebook_adapts_a_run_to_a_folder_made_from_lake_run_1(environment: Path, compose_in, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from trained_runs import make_run, write_noise
+
+    run = make_run(compose_in, tmp_path / "train", write_noise(tmp_path / "noise"), "protonet")  # untrained, any number of ways
+    monkeypatch.setenv("METALIGHT_CKPT", str(run))
+    monkeypatch.setenv("METALIGHT_WAYS", "3")
+    notebook = _execute("03_your_task.ipynb")
+    text = "".join(out.get("text", "") for cell in notebook.cells for out in cell.get("outputs", []))
+    assert f"ProtoNet from {run / 'checkpoints' / 'last.ckpt'}: 3 classes, 3 queries" in text
+    table = text[text.index("query  "):].splitlines()[1:]
+    assert [line.split()[0] for line in table] == ["class01_item08.png", "class02_item03.png", "class03_item12.png"]  # run01's answer key
+    assert all(abs(sum(float(p) for p in line.split()[2:]) - 1) < 0.01 for line in table)  # probabilities of each query
+    assert _images(notebook) == 1  # the support set and the predictions
