@@ -8,12 +8,16 @@ from torch import nn
 from metalight.errors import ConfigError
 
 
-def _block(in_channels: int, out_channels: int, pool: bool, track_running_stats: bool) -> nn.Sequential:
-    """conv3x3 -> BatchNorm -> ReLU, then a 2x2 max-pool (pool=True) or with the conv striding by 2 (pool=False)."""
+ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.01)}
+READOUTS = ("mean", "flatten")
+
+
+def _block(in_channels: int, out_channels: int, pool: bool, track_running_stats: bool, activation: str) -> nn.Sequential:
+    """conv3x3 -> BatchNorm -> activation, then a 2x2 max-pool (pool=True) or with the conv striding by 2 (pool=False)."""
     layers: list[nn.Module] = [
         nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1 if pool else 2, padding=1),
         nn.BatchNorm2d(out_channels, track_running_stats=track_running_stats),
-        nn.ReLU(),
+        ACTIVATIONS[activation](),
     ]
     if pool:
         layers.append(nn.MaxPool2d(2))
@@ -32,7 +36,11 @@ class Conv4(nn.Module):
     """Four conv blocks and a linear head to `n_way` logits (Vinyals et al. 2016; Finn et al. 2017).
 
     pool=True:  4 x [conv3x3 pad 1 -> BN -> ReLU -> maxpool 2], flatten, linear (MAML's miniImageNet net).
-    pool=False: 4 x [conv3x3 stride 2 pad 1 -> BN -> ReLU], spatial mean, linear (MAML's Omniglot net).
+    pool=False: 4 x [conv3x3 stride 2 pad 1 -> BN -> ReLU], spatial mean, linear (MAML's Omniglot net);
+    readout: "flatten" or "mean" over the last feature map; None is the net's usual one (flatten when
+    pooled; mean when strided). supervised-reptile's Omniglot net is the strided one with "flatten"
+    (2x2x64 = 256 features from 28x28 images).
+    activation="leaky_relu" (slope 0.01, F.leaky_relu's default) is the MAML++ authors' network.
     `features` maps images to embeddings and `head` embeddings to logits (forward = head(features(x))):
     the split ANIL adapts across and ProtoNets embed with. track_running_stats=False makes BatchNorm
     normalize with the statistics of the batch it is given, in training and in eval mode alike, so
@@ -47,6 +55,8 @@ class Conv4(nn.Module):
         image_size: int = 28,
         pool: bool = True,
         track_running_stats: bool = False,
+        activation: str = "relu",
+        readout: str | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("in_channels", in_channels), ("n_way", n_way), ("hidden", hidden), ("image_size", image_size)):
@@ -57,13 +67,20 @@ class Conv4(nn.Module):
                 f"Conv4 image_size={image_size} is too small for four 2x2 max-pools (needs >= 16): "
                 "use model=conv4_strided or larger images."
             )
+        if activation not in ACTIVATIONS:
+            raise ConfigError(f"Conv4 activation={activation!r} is not known: use one of {sorted(ACTIVATIONS)} (model.activation).")
+        if readout is None:
+            readout = "flatten" if pool else "mean"
+        if readout not in READOUTS:
+            raise ConfigError(f"Conv4 readout={readout!r} is not known: use one of {READOUTS}, or null for the net's usual one (model.readout).")
         channels = [in_channels] + [hidden] * 4
-        blocks = [_block(c_in, c_out, pool, track_running_stats) for c_in, c_out in zip(channels, channels[1:])]
-        self.features = nn.Sequential(*blocks, nn.Flatten() if pool else SpatialMean())
+        blocks = [_block(c_in, c_out, pool, track_running_stats, activation) for c_in, c_out in zip(channels, channels[1:])]
+        flatten = readout == "flatten"
+        self.features = nn.Sequential(*blocks, nn.Flatten() if flatten else SpatialMean())
         side = image_size
         for _ in range(4):
             side = side // 2 if pool else (side + 1) // 2
-        self.head = nn.Linear(hidden * side * side if pool else hidden, n_way)
+        self.head = nn.Linear(hidden * side * side if flatten else hidden, n_way)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits [batch, n_way] of images [batch, in_channels, image_size, image_size]."""
