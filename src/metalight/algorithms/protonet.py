@@ -27,9 +27,11 @@ def negative_squared_distances(queries: Tensor, centers: Tensor) -> Tensor:
 class ProtoNet(EpisodicModule):
     """Prototypical Networks: no inner loop; logits are negative squared Euclidean distances to class prototypes.
 
-    The model's `features` embed the images (its linear head is dropped: it is not used). A task's
-    support and query images are embedded as one batch (as in the authors' code, so BatchNorm sees
-    both); transductive=false embeds the support set alone and each query with the support set.
+    The model's `features` embed the images (its linear head is dropped: it is not used). With
+    running BatchNorm statistics (model.track_running_stats=true, as in the authors' code and our
+    protocols) evaluation runs in eval mode and is inductive. With batch statistics, a task's support
+    and query images are embedded as one batch (transductive) or, with transductive=false, the
+    support set alone and each query with the support set.
     Training tasks may have more ways and other shot/query counts than evaluation tasks
     (data.n_way_train, data.k_shot_train, data.k_query_train), as in the paper. The outer optimizer
     defaults to Adam(lr=1e-3); the paper halves the LR every 2,000 episodes (conf/algo/protonet.yaml).
