@@ -216,6 +216,20 @@ def test_bnrs_folds_the_task_mean_of_the_recorded_statistics_once_per_meta_step(
         torch.testing.assert_close(algorithm.model(x)[:2], algorithm.model(x[:2]))
 
 
+def test_metasgd_step_sizes_drawn_from_the_papers_range():
+    torch.manual_seed(0)
+    first = MetaSGD(tiny_conv4(), inner_lr=0.01, inner_lr_range=[0.005, 0.1]).step_sizes.by_weight(detached=True)
+    torch.manual_seed(0)
+    again = MetaSGD(tiny_conv4(), inner_lr=0.01, inner_lr_range=[0.005, 0.1]).step_sizes.by_weight(detached=True)
+    values = torch.cat([v.flatten() for v in first.values()])
+    assert 0.005 <= values.min() and values.max() <= 0.1 and values.std() > 0.02  # uniform on [0.005, 0.1]: std 0.027
+    assert all(torch.equal(first[k], again[k]) for k in first)  # seeded by the run
+    constant = MetaSGD(tiny_conv4(), inner_lr=0.01).step_sizes.by_weight(detached=True)
+    assert all(bool((v == 0.01).all()) for v in constant.values())
+    with pytest.raises(ConfigError, match="inner_lr_range"):
+        MetaSGD(tiny_conv4(), inner_lr_range=[0.1, 0.005])
+
+
 def test_bad_values_are_one_clear_error():
     with pytest.raises(ConfigError, match="inner_lr=5"):
         build("metasgd", steps=1, dtype=torch.float32).__class__(tiny_conv4(), inner_lr=5.0)

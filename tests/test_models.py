@@ -38,7 +38,25 @@ def test_running_statistics_on_request():
     torch.testing.assert_close(model(x)[:2], model(x[:2]))
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [({"n_way": 0}, "n_way=0"), ({"image_size": 8}, "image_size=8")])
+def test_flatten_readout_is_supervised_reptiles_omniglot_net():
+    model = Conv4(1, 5, hidden=64, image_size=28, pool=False, readout="flatten")
+    assert model.head.in_features == 2 * 2 * 64  # 28 -> 14 -> 7 -> 4 -> 2
+    assert model.features(torch.randn(3, 1, 28, 28)).shape == (3, 256)
+    pooled_mean = Conv4(1, 5, hidden=8, image_size=28, pool=True, readout="mean")
+    assert pooled_mean.head.in_features == 8
+
+
+def test_leaky_relu_activation_passes_negative_values():
+    model = Conv4(1, 5, hidden=4, image_size=28, pool=False, activation="leaky_relu")
+    activations = [m for m in model.modules() if isinstance(m, torch.nn.LeakyReLU)]
+    assert len(activations) == 4 and all(m.negative_slope == 0.01 for m in activations)
+    assert not any(isinstance(m, torch.nn.ReLU) for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"n_way": 0}, "n_way=0"), ({"image_size": 8}, "image_size=8"), ({"activation": "gelu"}, "activation='gelu'"), ({"readout": "max"}, "readout='max'")],
+)
 def test_conv4_rejects_bad_config(kwargs, message):
     arguments = {"in_channels": 1, "n_way": 5, "image_size": 28} | kwargs
     with pytest.raises(ConfigError, match=message):

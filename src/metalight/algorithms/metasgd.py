@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
@@ -15,14 +16,15 @@ from metalight.algorithms.step_sizes import LearnedStepSizes
 class MetaSGD(MAML):
     """Meta-SGD: each inner step is w - alpha * grad, alpha a tensor shaped like w (learned; saved in the checkpoint).
 
-    alpha starts at `inner_lr` everywhere and is updated by the outer optimizer together with the
-    weights. The paper adapts with one inner step (inner_steps=1); evaluation repeats the learned
+    alpha starts at `inner_lr` everywhere, or drawn uniformly from `inner_lr_range` = [low, high] as in
+    the paper ([0.005, 0.1]), and is updated by the outer optimizer together with the weights. The paper adapts with one inner step (inner_steps=1); evaluation repeats the learned
     step eval_inner_steps times. All other options are MAML's.
     """
 
-    def __init__(self, model: nn.Module, **maml_options: Any) -> None:
+    def __init__(self, model: nn.Module, inner_lr_range: Sequence[float] | None = None, **maml_options: Any) -> None:
         super().__init__(model, **maml_options)
-        self.step_sizes = LearnedStepSizes(split_state(model)[0], self.hparams.inner_lr)
+        init_range = None if inner_lr_range is None else [float(bound) for bound in inner_lr_range]
+        self.step_sizes = LearnedStepSizes(split_state(model)[0], self.hparams.inner_lr, init_range=init_range)
         self.train_loop = dataclasses.replace(self.train_loop, learned_lr="per_parameter")
         self.eval_loop = dataclasses.replace(self.eval_loop, learned_lr="per_parameter")
 
