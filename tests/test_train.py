@@ -56,10 +56,12 @@ def test_ddp_cpu_two_processes_share_one_run_folder(tmp_path, data_dir, cache_di
         ("trainer.max_steps=abc", "trainer.max_steps"),
         ("data.split=foo", "data.split='foo' is not a split of omniglot"),
         ("data.k_shot=10", "data.k_shot=10 + data.k_query=15"),
+        ("algo=reptile algo.inner_state=kept", "algo.inner_state='kept' is not known"),
+        ("algo=reptile algo.inner_optimizer=sgd", "algo.inner_state=persistent keeps the inner optimizer's moments"),
     ],
 )
 def test_cli_errors_are_one_clear_message(tmp_path, data_dir, cache_dir, override, expected):
-    result = _run_train([override, "debug=fast_dev_run"], tmp_path, data_dir, cache_dir, timeout=120)
+    result = _run_train([*override.split(), "debug=fast_dev_run"], tmp_path, data_dir, cache_dir, timeout=120)
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert expected in output
