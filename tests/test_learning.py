@@ -1,9 +1,9 @@
-"""Each algorithm of the family learns: a short run of its quick experiment clears a bar an untrained learner cannot.
+"""Each algorithm of the family learns: a short run of its quick experiment beats the same learner untrained.
 
-The bars sit between two measured test accuracies on the same 100 Omniglot 5-way 1-shot test tasks: the
-learner evaluated without training (train=false: the initial weights, adapted as evaluation adapts) and
-after STEPS meta-steps. A zero, sign-flipped or otherwise broken meta-gradient leaves a learner near the
-first number. (MAML's own bar is tests/test_experiments.py::test_quick_omniglot_learns_well_above_chance.)
+Both are measured here, on the same 100 Omniglot 5-way 1-shot test tasks: the learner evaluated without
+training (train=false: the initial weights, adapted as evaluation adapts) and after STEPS meta-steps. A
+zero, sign-flipped or otherwise broken meta-gradient leaves the trained learner near the untrained one.
+(MAML's own bar is tests/test_experiments.py::test_quick_omniglot_learns_well_above_chance.)
 """
 
 import pytest
@@ -11,31 +11,33 @@ import pytest
 from metalight.training import train
 
 STEPS = 60
-# algorithm: (untrained, trained after STEPS steps, bar), measured on this project's 2-core CPU; the bar
-# sits about halfway
-MEASURED = {
-    "anil": (0.260, 0.589, 0.45),
-    "metasgd": (0.508, 0.681, 0.60),
-    "mamlpp": (0.483, 0.651, 0.57),
-    "protonet": (0.572, 0.910, 0.75),
+# algorithm: the least gain in test accuracy STEPS steps must bring, about half of the gain measured on this
+# project's 2-core CPU (untrained -> trained, in the comment)
+MIN_GAIN = {
+    "anil": 0.15,  # 0.260 -> 0.589
+    "metasgd": 0.08,  # 0.508 -> 0.681
+    "mamlpp": 0.08,  # 0.483 -> 0.651
+    "protonet": 0.15,  # 0.555 -> 0.901 (inductive evaluation)
+    "fomaml": 0.07,  # 0.508 -> 0.650
+    "reptile": 0.09,  # 0.326 -> 0.514 (persistent inner Adam)
 }
 
 
-def short_run(compose_train, algo: str) -> dict[str, float]:
+def short_run(compose_train, algo: str, *overrides: str) -> dict[str, float]:
     """STEPS meta-steps (two epochs) of experiment=quick_omniglot_<algo>, then its test on 100 tasks; the test metrics."""
     cfg = compose_train(
         f"experiment=quick_omniglot_{algo}", f"trainer.max_steps={STEPS}", f"data.batches_per_epoch={STEPS // 2}",
         "data.n_val_tasks=16", "data.n_test_tasks=100", "logger=csv", "callbacks.val_task_image=null",
-        "callbacks.accuracy_charts=null", "callbacks.model_summary=null",
+        "callbacks.accuracy_charts=null", "callbacks.model_summary=null", *overrides,
     )
     metrics, _ = train(cfg)
     return metrics
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algo", sorted(MEASURED))
-def test_a_short_run_clears_the_bar_an_untrained_learner_fails(compose_train, one_thread, algo):
-    untrained, trained, bar = MEASURED[algo]
-    assert untrained < bar < trained  # the bar separates the two measured runs
-    metrics = short_run(compose_train, algo)
-    assert metrics["test/acc"] > bar, f"{algo}: {metrics['test/acc']:.3f} after {STEPS} steps (measured {trained:.3f}; untrained {untrained:.3f})"
+@pytest.mark.parametrize("algo", sorted(MIN_GAIN))
+def test_a_short_run_beats_the_untrained_learner(compose_train, one_thread, algo):
+    untrained = short_run(compose_train, algo, "train=false")["test/acc"]
+    trained = short_run(compose_train, algo)["test/acc"]
+    print(f"{algo}: untrained {untrained:.3f}, trained {trained:.3f}")
+    assert trained > untrained + MIN_GAIN[algo], f"{algo}: {untrained:.3f} untrained, {trained:.3f} after {STEPS} steps"
