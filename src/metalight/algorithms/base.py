@@ -24,6 +24,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
@@ -55,6 +56,13 @@ def require_features_and_head(model: nn.Module, algorithm: str) -> None:
             f"`head` module, forward = head(features(x))), but {type(model).__name__} has none: use model=conv4, "
             "conv4_strided, conv4_mini, resnet12 or timm, or give your network those two submodules."
         )
+
+
+def outcome_of_logits(logits: Tensor, query_y: Tensor, keep_logits: bool = False) -> TaskOutcome:
+    """The TaskOutcome of query logits recorded after every step, [B, P, Q, N]: accs [B, P], loss [B] at the last step."""
+    accs = (logits.argmax(-1) == query_y.unsqueeze(1)).to(logits.dtype).mean(-1)
+    loss = F.cross_entropy(logits[:, -1].flatten(0, 1), query_y.flatten(), reduction="none").view(len(query_y), -1).mean(1)
+    return TaskOutcome(loss, accs, {}, logits if keep_logits else logits.new_zeros(0))
 
 
 def mean_and_ci95(total: float, total_sq: float, n: int) -> tuple[float, float]:

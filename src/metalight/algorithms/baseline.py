@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metalight.algorithms.base import EpisodicModule, OptimizerFactory, SchedulerFactory, require_features_and_head
+from metalight.algorithms.base import EpisodicModule, OptimizerFactory, SchedulerFactory, outcome_of_logits, require_features_and_head
 from metalight.algorithms.functional import TaskOutcome, accuracy
 from metalight.algorithms.heads import HEADS, FitRecipe, fit_heads, fit_logistic, pretraining_classifier
 from metalight.algorithms.reptile import task_generator
@@ -133,6 +133,4 @@ class Baseline(EpisodicModule):
             generators = [task_generator(self.seed, stream, 0, task) for task in task_ids]
             with torch.enable_grad():
                 logits = fit_heads(self.head_type, z_support, support_y, z_query, n_way, self.recipe, generators, self.scale)
-        accs = (logits.argmax(-1) == query_y.unsqueeze(1)).float().mean(-1)
-        loss = F.cross_entropy(logits[:, -1].flatten(0, 1), query_y.flatten(), reduction="none").view(len(query_y), -1).mean(1)
-        return TaskOutcome(loss, accs, {}, logits if keep_logits else logits.new_zeros(0))
+        return outcome_of_logits(logits, query_y, keep_logits)

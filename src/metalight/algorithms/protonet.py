@@ -9,8 +9,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metalight.algorithms.base import EpisodicModule, OptimizerFactory, SchedulerFactory, require_features_and_head
+from metalight.algorithms.base import EpisodicModule, OptimizerFactory, SchedulerFactory, outcome_of_logits, require_features_and_head
+from metalight.algorithms.finetune import finetune_and_score
 from metalight.algorithms.functional import Params, TaskOutcome, accuracy, run_tasks, split_state
+from metalight.algorithms.reptile import task_generator
+from metalight.errors import ConfigError
 
 
 def prototypes(embeddings: Tensor, labels: Tensor, n_way: int) -> Tensor:
@@ -35,6 +38,8 @@ class ProtoNet(EpisodicModule):
     Training tasks may have more ways and other shot/query counts than evaluation tasks
     (data.n_way_train, data.k_shot_train, data.k_query_train), as in the paper. The outer optimizer
     defaults to Adam(lr=1e-3); the paper halves the LR every 2,000 episodes (conf/algo/protonet.yaml).
+    finetune_steps > 0 fine-tunes the body on each val/test task's support set before the prototypes are
+    taken (Hu et al. 2022, P>M>F; finetune.py), with the query accuracy after every step.
     """
 
     def __init__(
@@ -46,11 +51,24 @@ class ProtoNet(EpisodicModule):
         task_parallel: str = "auto",
         max_nonfinite_steps: int = 10,
         transductive: bool = True,
+        finetune_steps: int = 0,
+        finetune_lr: float = 1e-3,
+        seed: int = 0,
     ) -> None:
         require_features_and_head(model, "ProtoNets")
+        if isinstance(finetune_steps, bool) or not isinstance(finetune_steps, int) or finetune_steps < 0:
+            raise ConfigError(f"algo.finetune_steps={finetune_steps!r} is not valid: use a whole number >= 0 (0: no fine-tuning; Hu et al.: 50).")
+        if not finetune_lr > 0:
+            raise ConfigError(f"algo.finetune_lr={finetune_lr!r} is not valid: use a number > 0 (Hu et al. pick one of 1e-4, 1e-3, 1e-2 on validation tasks).")
         model.head = nn.Identity()  # model(x) is now the embedding
         super().__init__(model, optimizer, scheduler, gradient_clip_val, task_parallel, max_nonfinite_steps, transductive)
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
+        self.finetune_steps, self.finetune_lr, self.seed = finetune_steps, finetune_lr, seed
+
+    @property
+    def eval_steps(self) -> int | None:
+        """Fine-tuning steps at evaluation (one accuracy each), None without fine-tuning."""
+        return self.finetune_steps or None
 
     def default_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         """Adam(lr=1e-3), the paper's optimizer."""
@@ -88,7 +106,23 @@ class ProtoNet(EpisodicModule):
         return self.meta_backward(self.task_fn(self.n_way_of(batch)), params, batch, second_order=False)
 
     def evaluate_tasks(self, batch: dict[str, Tensor], stream: str, task_ids: list[int], keep_logits: bool = False) -> TaskOutcome:
-        """Query accuracy of each task from its prototypes: accs [B, 1] (nothing to adapt, no gradients)."""
+        """Query accuracy of each task from its prototypes: accs [B, 1], or [B, finetune_steps + 1] when fine-tuning."""
+        if self.finetune_steps:
+            return self.finetuned_tasks(batch, stream, task_ids, keep_logits)
         params, _ = split_state(self.model)
         with torch.no_grad():
             return run_tasks(self.task_fn(self.n_way_of(batch), keep_logits), params, batch, None, self.path(), second_order=False)
+
+    def finetuned_tasks(self, batch: dict[str, Tensor], stream: str, task_ids: list[int], keep_logits: bool) -> TaskOutcome:
+        """Fine-tune a copy of the body on each task's support set (seeded per task), scoring its queries after every step."""
+        n_way = self.n_way_of(batch)
+
+        def classify(support: Tensor, support_y: Tensor, queries: Tensor) -> Tensor:
+            return negative_squared_distances(queries, prototypes(support, support_y, n_way))
+
+        with torch.enable_grad():
+            logits = torch.stack([
+                finetune_and_score(self.model, classify, sx, sy, qx, self.finetune_steps, self.finetune_lr, task_generator(self.seed, stream, 0, task))
+                for sx, sy, qx, task in zip(batch["support_x"], batch["support_y"], batch["query_x"], task_ids)
+            ])
+        return outcome_of_logits(logits, batch["query_y"], keep_logits)
