@@ -168,8 +168,9 @@ def decode_images(
     desc: str = "decoding",
     boxes: Sequence[Box] | None = None,
     mixed_modes_fix: str | None = None,
+    progress: bool = True,
 ) -> None:
-    """Decode image i of `refs` into out[i] ([n, C, H, W] uint8), with a progress bar.
+    """Decode image i of `refs` into out[i] ([n, C, H, W] uint8), with a progress bar unless `progress` is false.
 
     boxes[i] = (x, y, width, height) crops image i before it is resized. With `mixed_modes_fix`, grey and
     colour files must not mix: DataError naming one of each, ending with that fix. Raises DataError
@@ -179,7 +180,7 @@ def decode_images(
     reader = _Reader()
     first: tuple[ImageRef, str] | None = None
     try:
-        for i, ref in enumerate(tqdm(refs, desc=desc, unit="img", mininterval=1.0)):
+        for i, ref in enumerate(tqdm(refs, desc=desc, unit="img", mininterval=1.0, disable=not progress)):
             try:
                 with Image.open(io.BytesIO(reader.read(ref))) as img:
                     if mixed_modes_fix is not None:

@@ -76,7 +76,7 @@ class ImageFormat:
         if files:
             refs = [images[i] if isinstance(images[i], ImageRef) else ImageRef(str(images[i])) for i in files]
             decoded = np.empty((len(files), *out.shape[1:]), np.uint8)
-            decode_images(refs, decoded, self.mode, self.invert, desc="reading images")  # type: ignore[arg-type]
+            decode_images(refs, decoded, self.mode, self.invert, progress=False)  # type: ignore[arg-type]
             out[files] = decoded
         for i, image in enumerate(images):
             if isinstance(image, Tensor):
