@@ -13,7 +13,7 @@ from metalight.algorithms import Baseline
 from metalight.algorithms.heads import FitRecipe, fit_heads, fit_logistic
 from metalight.algorithms.reptile import task_generator
 from metalight.errors import ConfigError
-from metalight.training import build
+from metalight.training import build, train
 from synthetic_data import write_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,3 +108,14 @@ def test_no_training_classes_is_one_line_exit_status_2_and_nothing_written(tmp_p
     assert "data.train_mode=flat (algo=baseline) pretrains a classifier over the training classes, but the train split" in output
     assert "Traceback" not in output and len([line for line in output.splitlines() if "Error" in line]) == 1
     assert not list(tmp_path.glob("logs/*/runs/*")), "the stopped run left its folder behind"
+
+
+def test_a_baseline_step_through_the_configs_moves_a_timm_body(compose_train, one_thread):
+    overrides = ["algo=baseline", "model=timm", "model.name=test_efficientnet", "debug=fast_dev_run", "logger=csv",
+                 "data.batch_size=4", "data.eval_batch_size=2", "algo.fit_epochs=2"]
+    before = {k: v.clone() for k, v in build(compose_train(*overrides))["algorithm"].model.features.state_dict().items()}
+    metrics, objects = train(compose_train(*overrides))
+    body = objects["algorithm"].model.features
+    assert objects["trainer"].global_step == 1 and 0.0 <= metrics["test/acc"] <= 1.0 and "test/acc_step2" in metrics
+    assert type(body).__module__.startswith("timm.")
+    assert any(k.endswith("weight") and not torch.equal(v, before[k]) for k, v in body.state_dict().items() if v.is_floating_point())
