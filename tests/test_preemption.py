@@ -156,7 +156,9 @@ def _train_env(data_dir: Path, cache_dir: Path) -> dict:
 @pytest.mark.slow
 def test_sigterm_to_ddp_train_py_saves_and_the_requeued_job_resumes_exactly(tmp_path, data_dir, cache_dir):
     """Two DDP processes: SIGTERM to the main one (what SLURM sends) -> last.ckpt and exit 0; the same command
-    started again in the same run folder (a requeued job) resumes and ends where an uninterrupted run ends."""
+    started again in the same run folder (a requeued job) resumes and ends where an uninterrupted run ends.
+
+    Reptile: besides the weights, its persistent inner Adam state (averaged over the ranks) must resume bit for bit."""
     steps, env = 10, _train_env(data_dir, cache_dir)
 
     def command(run_dir: Path) -> list[str]:
@@ -165,7 +167,7 @@ def test_sigterm_to_ddp_train_py_saves_and_the_requeued_job_resumes_exactly(tmp_
             "data.batches_per_epoch=4", "data.meta_batch_size=4", "data.k_query=2", "data.n_val_tasks=4",
             "data.eval_batch_size=2", "model.hidden=8", "algo.eval_inner_steps=1", "data.num_workers=0",
             "data.persistent_workers=false", "++trainer.enable_progress_bar=false", "callbacks.last_checkpoint.every_n_steps=1",
-            "logger=csv", "test=false",
+            "logger=csv", "test=false", "algo=reptile", "algo.inner_steps=2",
         ]
 
     reference = subprocess.run(command(tmp_path / "reference"), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -190,3 +192,8 @@ def test_sigterm_to_ddp_train_py_saves_and_the_requeued_job_resumes_exactly(tmp_
     assert got["global_step"] == expected["global_step"] == steps
     for name, value in expected["state_dict"].items():
         assert torch.equal(value, got["state_dict"][name]), f"{name} differs after resuming from step {stopped_at}"
+    inner_expected, inner_got = expected["inner_optimizer_state"], got["inner_optimizer_state"]
+    assert inner_got["step"] == inner_expected["step"] == steps * 2 * 2  # steps x tasks per rank x inner steps
+    for part in ("m", "v"):
+        for name, value in inner_expected[part].items():
+            assert torch.equal(value, inner_got[part][name]), f"inner Adam {part} of {name} differs after resuming from step {stopped_at}"
