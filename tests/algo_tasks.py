@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
+from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader, Dataset
 
 from metalight.models import Conv4
@@ -86,3 +92,29 @@ def make_trainer(**overrides) -> pl.Trainer:
         log_every_n_steps=1,
     )
     return pl.Trainer(**(options | overrides))
+
+
+def train_validate_save(algorithm: pl.LightningModule, train: Dataset, steps: int, devices: int, out_file: str) -> None:
+    """Train `steps` steps (DDP over gloo when devices > 1), validate on 5 tasks (unequal shares: 3 and 2), and
+    save this rank's weights, val/* metrics and any inner optimizer state to out_file + f"-{devices}-{rank}.pt"."""
+    strategy = DDPStrategy(process_group_backend="gloo") if devices > 1 else "auto"  # CPU processes, whatever the machine has
+    trainer = make_trainer(max_steps=steps, devices=devices, strategy=strategy, precision="64-true")
+    trainer.fit(algorithm, loader(train))
+    trainer.validate(algorithm, loader(EvalTasks(5, 2, k_shot=3, dtype=torch.float64)), verbose=False)
+    result = {
+        "params": {k: v.detach().clone() for k, v in algorithm.state_dict().items()},  # learned step sizes, BN statistics too
+        "val": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
+        "inner_state": getattr(algorithm, "inner_optimizer_state", None),
+    }
+    torch.save(result, f"{out_file}-{devices}-{trainer.global_rank}.pt")
+
+
+def launch_two_processes(script: str, out_dir: Path) -> None:
+    """Run `python script out_dir` (which starts a 2-process DDP run itself) on CPU only, one thread per process."""
+    # keep the caller's PYTHONPATH (metalight may be importable only through it, as on a machine without
+    # `pip install -e .`), and hide GPUs: the two processes compare CPU arithmetic
+    path = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
+    env = os.environ | {"PYTHONPATH": path, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("LOCAL_RANK", None)
+    done = subprocess.run([sys.executable, script, str(out_dir)], env=env, capture_output=True, text=True, timeout=150)
+    assert done.returncode == 0, done.stderr[-3000:]

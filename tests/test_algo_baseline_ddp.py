@@ -8,15 +8,12 @@ does unless trainer.sync_batchnorm=true), which one process on the whole batch c
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from algo_tasks import EvalTasks, _rank_and_world, loader, make_trainer
-from lightning.pytorch.strategies import DDPStrategy
+from algo_tasks import _rank_and_world, launch_two_processes, train_validate_save
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -56,26 +53,14 @@ class ImageStream(Dataset):
 
 
 def run(head: str, devices: int, out_dir: Path) -> None:
-    """Train STEPS steps, validate on 5 tasks (shares of 3 and 2), save weights and val/* of this rank."""
+    """Train STEPS steps on image batches, validate, save this rank's results."""
     algorithm = Baseline(TinyNet().double(), head=head, num_classes=CLASSES, fit_epochs=3, seed=1)
-    strategy = DDPStrategy(process_group_backend="gloo") if devices > 1 else "auto"
-    trainer = make_trainer(max_steps=STEPS, devices=devices, strategy=strategy, precision="64-true")
-    trainer.fit(algorithm, loader(ImageStream()))
-    trainer.validate(algorithm, loader(EvalTasks(5, 2, k_shot=3, dtype=torch.float64)), verbose=False)
-    result = {
-        "params": {k: v.detach().clone() for k, v in algorithm.state_dict().items()},
-        "val": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
-    }
-    torch.save(result, out_dir / f"{head}-{devices}-{trainer.global_rank}.pt")
+    train_validate_save(algorithm, ImageStream(), STEPS, devices, str(out_dir / head))
 
 
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
-    path = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
-    env = os.environ | {"PYTHONPATH": path, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    env.pop("LOCAL_RANK", None)
-    done = subprocess.run([sys.executable, __file__, str(tmp_path)], env=env, capture_output=True, text=True, timeout=150)
-    assert done.returncode == 0, done.stderr[-3000:]
+    launch_two_processes(__file__, tmp_path)
     for head in HEADS:
         run(head, 1, tmp_path)
         single = torch.load(tmp_path / f"{head}-1-0.pt")

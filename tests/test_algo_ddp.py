@@ -7,15 +7,12 @@ launches it, repeats the runs in one process on the union of the tasks, and comp
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from algo_tasks import EvalTasks, TrainStream, loader, make_batch, make_trainer, tiny_conv4
-from lightning.pytorch.strategies import DDPStrategy
+from algo_tasks import TrainStream, launch_two_processes, make_batch, tiny_conv4, train_validate_save
 from reptile_reference import reference_reptile
 
 from metalight.algorithms import ANIL, MAML, MAMLpp, MetaSGD, ProtoNet, Reptile
@@ -54,29 +51,14 @@ def build(name: str):
 
 
 def run(name: str, devices: int, out_dir: Path) -> None:
-    """Train STEPS meta-steps, validate on 5 tasks (unequal shares: 3 and 2), save weights and val/* per rank."""
-    algorithm = build(name)
-    strategy = DDPStrategy(process_group_backend="gloo") if devices > 1 else "auto"  # CPU processes, whatever the machine has
-    trainer = make_trainer(max_steps=STEPS, devices=devices, strategy=strategy, precision="64-true")
-    trainer.fit(algorithm, loader(TrainStream(STEPS, META_BATCH, k_shot=3, dtype=torch.float64)))
-    trainer.validate(algorithm, loader(EvalTasks(5, 2, k_shot=3, dtype=torch.float64)), verbose=False)
-    result = {
-        "params": {k: v.detach().clone() for k, v in algorithm.state_dict().items()},  # learned step sizes, BN statistics too
-        "val": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
-        "inner_state": getattr(algorithm, "inner_optimizer_state", None),
-    }
-    torch.save(result, out_dir / f"{name}-{devices}-{trainer.global_rank}.pt")
+    """Train STEPS meta-steps on META_BATCH tasks each, validate, save this rank's results."""
+    train = TrainStream(STEPS, META_BATCH, k_shot=3, dtype=torch.float64)
+    train_validate_save(build(name), train, STEPS, devices, str(out_dir / name))
 
 
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
-    # keep the caller's PYTHONPATH (metalight may be importable only through it, as on a machine without
-    # `pip install -e .`), and hide GPUs: the two processes compare CPU arithmetic
-    path = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
-    env = os.environ | {"PYTHONPATH": path, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    env.pop("LOCAL_RANK", None)
-    done = subprocess.run([sys.executable, __file__, str(tmp_path)], env=env, capture_output=True, text=True, timeout=150)
-    assert done.returncode == 0, done.stderr[-3000:]
+    launch_two_processes(__file__, tmp_path)
     for name in ALGORITHMS:
         run(name, 1, tmp_path)
 
