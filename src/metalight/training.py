@@ -50,7 +50,7 @@ def build_data_and_algorithm(cfg: DictConfig) -> tuple[pl.LightningDataModule, p
     """The datamodule (not yet set up) and the algorithm with its model (seeded), from a composed config: what a trained learner needs."""
     validate_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule = _instantiate(cfg.data, "data")
+    datamodule = _instantiate(cfg.data, "data", _recursive_=False)  # it builds data.train_augment itself, naming a bad entry
     algorithm = _instantiate(cfg.algo, "algo", model=_instantiate(cfg.model, "model"))
     return datamodule, algorithm
 

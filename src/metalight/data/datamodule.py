@@ -17,7 +17,7 @@ from metalight.data import cifar, cub, folder, miniimagenet, omniglot, tiered_im
 from metalight.data.episodes import EpisodeDataset, EvalTaskSampler, TrainTaskSampler
 from metalight.data.flat import TRAIN_MODES, LabelledImages
 from metalight.data.images import SplitImages, channel_stats
-from metalight.data.preprocess import ImageFormat, normalize
+from metalight.data.preprocess import Augment, ImageFormat, build_transforms, normalize
 from metalight.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,9 @@ class FewShotDataModule(LightningDataModule):
     train_mode="flat" (set by algo=baseline) trains on labelled images instead: batches {"x": [b, C, H, W],
     "y": [b]} of batch_size / world_size images from the union of the training classes, labelled by class
     (data/flat.py); validation and test keep their fixed tasks.
+    train_augment: transforms (or their Hydra configs) applied to each training image, uint8 before normalization,
+    with draws seeded per image (preprocess.Augment): the flat images, or every support and query image of
+    the training tasks; validation and test images never.
     """
 
     def __init__(
@@ -148,6 +151,7 @@ class FewShotDataModule(LightningDataModule):
         train_mode: str = "episodes",
         batch_size: int | None = None,
         within_alphabet: bool = False,
+        train_augment: Sequence | None = None,
     ) -> None:
         super().__init__()
         if dataset not in DATASETS:
@@ -206,6 +210,8 @@ class FewShotDataModule(LightningDataModule):
         self.num_workers, self.pin_memory, self.persistent_workers = num_workers, pin_memory, persistent_workers
         self.cache_dir, self.download = Path(cache_dir), download
         self.train_mode, self.batch_size = train_mode, batch_size
+        transforms = build_transforms(train_augment) if train_augment is not None else []
+        self.augment = Augment(transforms, seed) if transforms else None
         self.images_per_class = self.max_images_per_class = 0
         self.train_classes = self.val_classes = self.test_classes = 0
         self._spec = spec
@@ -291,8 +297,12 @@ class FewShotDataModule(LightningDataModule):
         for part in PARTS:
             shape = self._shapes["train" if part == "train" else "eval"]
             data = splits[part]
+            if part == "train" and self.augment is not None:
+                self.augment.check(torch.from_numpy(np.array(data.images[data.starts[0]])), self.dataset)
             if part == "train" and self.train_mode == "flat":
-                self._datasets[part] = LabelledImages(data.images, data.starts, data.counts, self.seed, self.batch_size * self.batches_per_epoch)
+                self._datasets[part] = LabelledImages(
+                    data.images, data.starts, data.counts, self.seed, self.batch_size * self.batches_per_epoch, self.augment
+                )
                 continue
             self._datasets[part] = EpisodeDataset(
                 data.images,
@@ -304,6 +314,7 @@ class FewShotDataModule(LightningDataModule):
                 data.starts,
                 data.counts,
                 self._alphabets(part, data, shape.n_way),
+                self.augment if part == "train" else None,
             )
 
     def _alphabets(self, part: str, data: SplitImages, n_way: tuple[str, int]) -> np.ndarray | None:

@@ -16,6 +16,9 @@ sampler yields is a whole meta-batch, a list of (epoch, index) keys, and Episode
 stacked tensors with two advanced-indexing gathers. The epoch travels inside the keys, so worker
 processes (persistent or not) need no epoch state of their own; Lightning calls `set_epoch` on
 `DataLoader.sampler` at the start of every training epoch.
+
+With data.train_augment the training tasks' images are augmented (preprocess.Augment), image j of task
+(epoch, index) with the draws of (seed, epoch, index, j), j counting the support images then the queries.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
+
+from metalight.data.preprocess import Augment
 
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 
@@ -39,6 +44,7 @@ class EpisodeDataset(Dataset):
     with `starts` and `counts`: class c is images[starts[c] : starts[c] + counts[c]]. With `groups` (a group
     number per class, e.g. Omniglot's alphabets) a task first draws one of the groups holding at least
     n_way classes, uniformly, then its classes within that group; without, tasks are drawn as before.
+    `augment` (training tasks with data.train_augment) augments every support and query image.
     """
 
     def __init__(
@@ -52,7 +58,9 @@ class EpisodeDataset(Dataset):
         starts: np.ndarray | None = None,
         counts: np.ndarray | None = None,
         groups: np.ndarray | None = None,
+        augment: Augment | None = None,
     ) -> None:
+        self.augment = augment
         if starts is None or counts is None:
             n_classes, per_class = images.shape[:2]
             images = images.reshape(n_classes * per_class, *images.shape[2:])
@@ -99,12 +107,23 @@ class EpisodeDataset(Dataset):
         batch = len(keys)
         support = self.images[rows[:, :, : self.k_shot]].reshape(batch, -1, *shape)
         query = self.images[rows[:, :, self.k_shot :]].reshape(batch, -1, *shape)
+        support, query = torch.from_numpy(np.asarray(support)), torch.from_numpy(np.asarray(query))
+        if self.augment is not None:
+            support, query = self._augmented(keys, support, query)
         return {
-            "support_x": torch.from_numpy(np.asarray(support)),
+            "support_x": support,
             "support_y": self._support_y.expand(batch, -1).clone(),
-            "query_x": torch.from_numpy(np.asarray(query)),
+            "query_x": query,
             "query_y": self._query_y.expand(batch, -1).clone(),
         }
+
+    def _augmented(self, keys: Sequence[Key], support: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """support [B, S, ...] and query [B, Q, ...] augmented: image j of task (epoch, index), support first, with key (epoch, index, j)."""
+        both = torch.cat([support, query], dim=1)
+        positions = range(both.shape[1])
+        names = [(epoch, index, j) for epoch, index in keys for j in positions]
+        both = self.augment(both.flatten(0, 1), names).view(both.shape)  # type: ignore[misc]
+        return both[:, : support.shape[1]], both[:, support.shape[1] :]
 
     def __getstate__(self) -> dict:
         """Pickle a memory-mapped split by its file name, not its contents (spawned workers reopen it)."""
