@@ -3,8 +3,8 @@
 import hydra
 from omegaconf import DictConfig
 
-from metalight.cli import run_reporting_errors
-from metalight.prediction import predict
+from metalight.runs.cli import run_reporting_errors
+from metalight.apply.prediction import predict
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")

@@ -3,9 +3,9 @@
 import hydra
 from omegaconf import DictConfig
 
-from metalight.cli import run_reporting_errors
-from metalight.launch import pin_hydra_for_ddp_children
-from metalight.training import train
+from metalight.runs.cli import run_reporting_errors
+from metalight.runs.launch import pin_hydra_for_ddp_children
+from metalight.runs.training import train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

@@ -13,7 +13,7 @@ from metalight.algorithms import Baseline
 from metalight.algorithms.heads import FitRecipe, fit_heads, fit_logistic
 from metalight.algorithms.reptile import task_generator
 from metalight.errors import ConfigError
-from metalight.training import build, train
+from metalight.runs.training import build, train
 from synthetic_data import write_folder
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from metalight import checkpoint_io
-from metalight.checkpoint_io import AtomicCheckpointIO, ensure_writable
-from metalight.checkpoints import load_checkpoint
+from metalight.runs import checkpoint_io
+from metalight.runs.checkpoint_io import AtomicCheckpointIO, ensure_writable
+from metalight.runs.checkpoints import load_checkpoint
 from metalight.errors import CheckpointError, ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,7 +68,7 @@ def test_interrupted_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 CRASH_MID_WRITE = """
 import os, sys, torch
-from metalight import checkpoint_io
+from metalight.runs import checkpoint_io
 def save(obj, file, *args, **kwargs):
     file.write(b"PK half a checkpoint")
     file.flush()

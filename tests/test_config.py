@@ -7,9 +7,9 @@ from hydra.utils import instantiate
 from lightning.pytorch import LightningDataModule, LightningModule
 from omegaconf import OmegaConf, open_dict
 
-from metalight.config import validate_config
+from metalight.runs.config import validate_config
 from metalight.errors import ConfigError
-from metalight.training import build, train
+from metalight.runs.training import build, train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 ALGOS = sorted(p.stem for p in (CONF / "algo").glob("*.yaml"))

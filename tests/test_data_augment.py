@@ -11,7 +11,7 @@ from metalight.data import FewShotDataModule
 from metalight.data.episodes import EvalTaskSampler, TrainTaskSampler
 from metalight.data.preprocess import Augment, build_transforms
 from metalight.errors import ConfigError, DataError
-from metalight.training import build_data_and_algorithm
+from metalight.runs.training import build_data_and_algorithm
 from synthetic_data import SIZE
 
 TREE = {f"class{i:02d}": 3 + i % 3 for i in range(12)}  # as test_data_flat: 6/3/3 classes by ratios

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from hydra.utils import instantiate
 
-from metalight.config import validate_config
+from metalight.runs.config import validate_config
 from metalight.data import FewShotDataModule
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -7,11 +7,11 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from metalight.checkpoints import load_checkpoint, monitored_score
-from metalight.config import validate_config
+from metalight.runs.checkpoints import load_checkpoint, monitored_score
+from metalight.runs.config import validate_config
 from metalight.errors import CheckpointError
-from metalight.evaluation import ensemble_results, evaluate
-from metalight.training import train
+from metalight.apply.evaluation import ensemble_results, evaluate
+from metalight.runs.training import train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -88,7 +88,7 @@ def test_eval_reproduces_the_runs_test_accuracy(short_quick_run, compose_train):
     best = objects["trainer"].checkpoint_callback.best_model_path
     eval_cfg = compose_train(f"ckpt_path={best}", config_name="eval")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("metalight.evaluation._override_keys", lambda: [])
+        patch.setattr("metalight.apply.evaluation._override_keys", lambda: [])
         results = evaluate(eval_cfg)
     assert results["acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
     assert results["n_tasks"] == cfg.data.n_test_tasks
@@ -121,7 +121,7 @@ def test_eval_ensembles_the_best_checkpoints(short_quick_run, compose_train):
     _, _, objects = short_quick_run
     folder = Path(objects["trainer"].checkpoint_callback.best_model_path).parent
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("metalight.evaluation._override_keys", lambda: [])
+        patch.setattr("metalight.apply.evaluation._override_keys", lambda: [])
         results = evaluate(compose_train(f"ckpt_path={folder / 'last.ckpt'}", "ensemble_top_k=2", config_name="eval"))
         singles = [evaluate(compose_train(f"ckpt_path={member}", config_name="eval"))["acc"] for member in results["members"]]
         with pytest.raises(CheckpointError, match="save_top_k=3"):

@@ -11,7 +11,7 @@ import torch
 from metalight.data import FewShotDataModule
 from metalight.data.lake_runs import load_lake_runs
 from metalight.errors import DataError
-from metalight.evaluation import evaluate
+from metalight.apply.evaluation import evaluate
 from trained_runs import make_run, write_episodes, write_mini_omniglot, write_noise
 
 LAKE = {"url": "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/one-shot-classification/all_runs.zip", "md5": "e8996daecdf12afeeb4a53a179f06b19"}

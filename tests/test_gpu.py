@@ -24,10 +24,10 @@ from omegaconf import OmegaConf, open_dict
 from test_algo_functional import meta_gradient, meta_objective
 
 from metalight.algorithms.functional import InnerLoop
-from metalight.checkpoints import load_checkpoint
-from metalight.evaluation import evaluate
+from metalight.runs.checkpoints import load_checkpoint
+from metalight.apply.evaluation import evaluate
 from metalight.models import Conv4
-from metalight.training import train
+from metalight.runs.training import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small CPU ops: extra threads only slow them down
 
@@ -206,7 +206,7 @@ def test_checkpoint_evaluates_on_another_device(runs, compose_train, monkeypatch
     written = runs(written_on)
     checkpoint = written["reference"]["trainer"].checkpoint_callback.best_model_path
     assert load_checkpoint(checkpoint)["state_dict"]  # a plain dict that loads on the CPU, whatever wrote it
-    monkeypatch.setattr("metalight.evaluation._override_keys", lambda: [])
+    monkeypatch.setattr("metalight.apply.evaluation._override_keys", lambda: [])
     results = evaluate(compose_train(f"ckpt_path={checkpoint}", config_name="eval", accelerator=ACCELERATOR[read_on]))
     expected = written["metrics"]
     record_property("acc_diff", abs(results["acc"] - expected["test/acc"]))

@@ -15,11 +15,11 @@ from metalight.data import FewShotDataModule
 from metalight.data.episode_files import read_episodes
 from metalight.data.preprocess import ImageFormat
 from metalight.errors import CheckpointError, ConfigError
-from metalight.evaluation import restore_run_config
-from metalight.fixed_episodes import episode_batches, score_episodes
-from metalight.learner import FewShotLearner
-from metalight.runs import load_weights, restore_image_format
-from metalight.training import build, train
+from metalight.apply.evaluation import restore_run_config
+from metalight.apply.fixed_episodes import episode_batches, score_episodes
+from metalight.apply.learner import FewShotLearner
+from metalight.runs.checkpoints import load_weights, restore_image_format
+from metalight.runs.training import build, train
 from trained_runs import ALGORITHMS, IMAGE_SIZE, SHAPE, make_run, write_episodes, write_mini_omniglot, write_noise
 
 

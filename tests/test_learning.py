@@ -8,7 +8,7 @@ zero, sign-flipped or otherwise broken meta-gradient leaves the trained learner 
 
 import pytest
 
-from metalight.training import train
+from metalight.runs.training import train
 
 STEPS = 60
 # algorithm: the least gain in test accuracy STEPS steps must bring, about half of the gain measured on this

@@ -9,7 +9,7 @@ leaves the trained run there.
 
 import pytest
 
-from metalight.training import train
+from metalight.runs.training import train
 
 STEPS = 60
 MARGIN = 0.05  # paired on the same tasks: far above the noise of two fits of the same body

@@ -7,7 +7,7 @@ import torch
 from metalight.algorithms import MAMLpp
 from metalight.errors import ConfigError
 from metalight.models import TimmBackbone
-from metalight.training import build, train
+from metalight.runs.training import build, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

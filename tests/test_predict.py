@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from metalight.errors import CheckpointError, ConfigError, DataError
-from metalight.learner import FewShotLearner
-from metalight.prediction import predict
+from metalight.apply.learner import FewShotLearner
+from metalight.apply.prediction import predict
 from trained_runs import make_run, write_noise
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,11 +20,11 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset
 
-from metalight.checkpoint_io import AtomicCheckpointIO
-from metalight.checkpoints import load_checkpoint
+from metalight.runs.checkpoint_io import AtomicCheckpointIO
+from metalight.runs.checkpoints import load_checkpoint
 from metalight.data.episodes import EvalTaskSampler, TrainTaskSampler
 from metalight.errors import ConfigError
-from metalight.preemption import LastCheckpoint, StepSeed, step_seed
+from metalight.runs.preemption import LastCheckpoint, StepSeed, step_seed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from metalight.checkpoints import load_checkpoint
+from metalight.runs.checkpoints import load_checkpoint
 from metalight.errors import CheckpointError
-from metalight.training import train
+from metalight.runs.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_STEPS = 12

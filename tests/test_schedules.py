@@ -5,7 +5,7 @@ import torch
 from hydra.utils import instantiate
 
 from metalight.errors import ConfigError
-from metalight.schedules import PiecewiseFactor
+from metalight.algorithms.schedules import PiecewiseFactor
 
 
 def test_protonet_resnet12_lr_follows_metaoptnet(compose_train):

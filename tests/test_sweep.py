@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from metalight.sweep_summary import RESULTS_FILE, STATUS_FILE, write_summary
+from metalight.runs.sweep_summary import RESULTS_FILE, STATUS_FILE, write_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 # a few tiny meta-steps per job: a small network, small tasks, 2 validation and 2 test tasks

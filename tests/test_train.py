@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from metalight.errors import DataError
-from metalight.training import train
+from metalight.runs.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,7 +92,7 @@ def test_missing_data_folder_is_reported(tmp_path, cache_dir, trainer):
 
 def test_every_ddp_process_ends_with_the_one_message(tmp_path, monkeypatch, caplog):
     """A process whose collective breaks because another one stopped on our error ends with that error's line, status 2."""
-    from metalight import cli
+    from metalight.runs import cli
 
     monkeypatch.setattr(cli, "_error_file", lambda: tmp_path / cli.ERROR_FILE)  # as in a 2-process run
     monkeypatch.setattr(cli, "ERROR_WAIT_S", 0.0)

@@ -8,7 +8,7 @@ from algo_tasks import make_batch, tiny_conv4
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from metalight.algorithms import MAML, Reptile
-from metalight.training import train
+from metalight.runs.training import train
 from metalight.visualization import RIGHT, SUPPORT, WRONG, inner_step_accuracy, query_predictions, read_scalars, task_grid
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from metalight.training import build_data_and_algorithm
+from metalight.runs.training import build_data_and_algorithm
 
 ALGORITHMS = ("maml", "fomaml", "reptile", "anil", "metasgd", "mamlpp", "protonet", "baseline")
 CLASSES, PER_CLASS, FILE_SIZE, IMAGE_SIZE = 12, 3, 12, 8  # noise images 12x12, read at 8x8 (resized)

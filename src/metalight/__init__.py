@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str) -> Any:
     """metalight.FewShotLearner, imported when first asked for (it pulls in torch, Lightning and Hydra)."""
     if name == "FewShotLearner":
-        from metalight.learner import FewShotLearner
+        from metalight.apply.learner import FewShotLearner
 
         return FewShotLearner
     raise AttributeError(f"module 'metalight' has no attribute {name!r}")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from metalight.checkpoint_io import write_text_atomically
+from metalight.runs.checkpoint_io import write_text_atomically
 from metalight.data.images import SplitImages
 from metalight.errors import DataError
 

@@ -14,12 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from metalight.algorithms.base import mean_and_ci95
-from metalight.checkpoint_io import write_text_atomically
-from metalight.checkpoints import best_checkpoints, load_checkpoint, resolve_checkpoint
+from metalight.runs.checkpoint_io import write_text_atomically
+from metalight.runs.checkpoints import best_checkpoints, load_checkpoint, load_weights, resolve_checkpoint, saved_run_config
 from metalight.errors import ConfigError
-from metalight.fixed_episodes import evaluate_episodes
-from metalight.runs import load_weights, saved_run_config
-from metalight.training import build
+from metalight.apply.fixed_episodes import evaluate_episodes
+from metalight.runs.training import build
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from metalight.checkpoint_io import write_text_atomically
+from metalight.runs.checkpoint_io import write_text_atomically
 from metalight.data.images import IMAGE_SUFFIXES
 from metalight.errors import DataError
-from metalight.learner import FewShotLearner
+from metalight.apply.learner import FewShotLearner
 
 log = logging.getLogger(__name__)
 SUFFIXES = "/".join(IMAGE_SUFFIXES)

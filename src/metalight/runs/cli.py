@@ -12,7 +12,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
-from metalight.checkpoint_io import write_text_atomically
+from metalight.runs.checkpoint_io import write_text_atomically
 from metalight.errors import MetalightError
 
 T = TypeVar("T")

@@ -24,7 +24,7 @@ from hydra.types import RunMode
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from metalight.checkpoint_io import write_text_atomically
+from metalight.runs.checkpoint_io import write_text_atomically
 
 log = logging.getLogger(__name__)
 

@@ -13,11 +13,11 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from metalight.checkpoint_io import ensure_writable
-from metalight.checkpoints import load_checkpoint, resolve_checkpoint
-from metalight.config import validate_config
+from metalight.runs.checkpoint_io import ensure_writable
+from metalight.runs.checkpoints import load_checkpoint, resolve_checkpoint
+from metalight.runs.config import validate_config
 from metalight.errors import ConfigError, MetalightError
-from metalight.sweep_summary import record_results, run_results
+from metalight.runs.sweep_summary import record_results, run_results
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from metalight.algorithms.base import EpisodicModule
 from metalight.data.episode_files import Episode, read_episodes
 from metalight.data.lake_runs import load_lake_runs
 from metalight.data.preprocess import ImageFormat
-from metalight.runs import restore_image_format
+from metalight.runs.checkpoints import restore_image_format
 
 log = logging.getLogger(__name__)
 

@@ -21,12 +21,11 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from metalight.algorithms.base import EpisodicModule
-from metalight.checkpoints import load_checkpoint, resolve_checkpoint
+from metalight.runs.checkpoints import load_checkpoint, load_weights, resolve_checkpoint, restore_image_format, saved_run_config
 from metalight.data.episode_files import task_batch
 from metalight.data.preprocess import ImageFormat, ImageInput
 from metalight.errors import ConfigError
-from metalight.runs import load_weights, restore_image_format, saved_run_config
-from metalight.training import build_data_and_algorithm
+from metalight.runs.training import build_data_and_algorithm
 
 
 class FewShotLearner:
