@@ -1,4 +1,6 @@
-"""Conv4: output shapes of both variants, BatchNorm without running statistics, config errors."""
+"""Conv4: output shapes of both variants, BatchNorm without running statistics, Chen et al.'s initialization, config errors."""
+
+import math
 
 import pytest
 import torch
@@ -53,9 +55,37 @@ def test_leaky_relu_activation_passes_negative_values():
     assert not any(isinstance(m, torch.nn.ReLU) for m in model.modules())
 
 
+def test_he_fan_out_init_is_chen_et_als_init_layer():
+    torch.manual_seed(0)
+    chen = Conv4(3, 5, hidden=64, image_size=84, init="he_fan_out")
+    torch.manual_seed(0)
+    default = Conv4(3, 5, hidden=64, image_size=84)
+    convs = [m for m in chen.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 4
+    for conv, theirs in zip(convs, [m for m in default.modules() if isinstance(m, torch.nn.Conv2d)]):
+        expected = math.sqrt(2.0 / (3 * 3 * conv.out_channels))  # CloserLookFewShot's init_layer: n = k * k * out_channels
+        weight = conv.weight.detach()
+        assert abs(float(weight.std()) / expected - 1) < 0.05, (float(weight.std()), expected)
+        assert abs(float(weight.mean())) < 0.05 * expected
+        # PyTorch's default (kaiming_uniform with a=sqrt(5)) has std 1/sqrt(3 * fan_in): 0.111 and 0.024 here, not 0.059
+        assert abs(float(theirs.weight.detach().std()) / expected - 1) > 0.5
+        torch.testing.assert_close(conv.bias, theirs.bias, rtol=0, atol=0)  # biases keep PyTorch's init, as theirs
+    norms = [m for m in chen.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(norms) == 4 and all(bool((m.weight == 1).all() and (m.bias == 0).all()) for m in norms)
+    torch.testing.assert_close(chen.head.weight, default.head.weight, rtol=0, atol=0)
+
+
+def test_only_chen_et_als_protocols_change_the_init(compose_train):
+    for experiment in ("baseline_miniimagenet_5w1s", "baseline_miniimagenet_5w5s", "baselinepp_miniimagenet_5w1s", "baselinepp_miniimagenet_5w5s"):
+        assert compose_train(f"experiment={experiment}").model.init == "he_fan_out", experiment
+    for experiment in ("maml_miniimagenet_5w1s", "protonet_miniimagenet_5w1s", "quick_omniglot_baseline"):
+        assert compose_train(f"experiment={experiment}").model.init == "default", experiment
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"n_way": 0}, "n_way=0"), ({"image_size": 8}, "image_size=8"), ({"activation": "gelu"}, "activation='gelu'"), ({"readout": "max"}, "readout='max'")],
+    [({"n_way": 0}, "n_way=0"), ({"image_size": 8}, "image_size=8"), ({"activation": "gelu"}, "activation='gelu'"), ({"readout": "max"}, "readout='max'"),
+     ({"init": "xavier"}, "init='xavier'")],
 )
 def test_conv4_rejects_bad_config(kwargs, message):
     arguments = {"in_channels": 1, "n_way": 5, "image_size": 28} | kwargs

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -10,6 +12,7 @@ from metalight.errors import ConfigError
 
 ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.01)}
 READOUTS = ("mean", "flatten")
+INITS = ("default", "he_fan_out")
 
 
 def _block(in_channels: int, out_channels: int, pool: bool, track_running_stats: bool, activation: str) -> nn.Sequential:
@@ -22,6 +25,17 @@ def _block(in_channels: int, out_channels: int, pool: bool, track_running_stats:
     if pool:
         layers.append(nn.MaxPool2d(2))
     return nn.Sequential(*layers)
+
+
+def he_fan_out_(module: nn.Module) -> None:
+    """Chen et al.'s init_layer on every conv and BatchNorm in `module`: conv weights N(0, sqrt(2 / fan_out)), BatchNorm 1 and 0."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Conv2d):
+            kh, kw = layer.kernel_size
+            nn.init.normal_(layer.weight, 0.0, math.sqrt(2.0 / (kh * kw * layer.out_channels)))
+        elif isinstance(layer, nn.BatchNorm2d):
+            nn.init.ones_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
 
 class SpatialMean(nn.Module):
@@ -40,6 +54,10 @@ class Conv4(nn.Module):
     readout: "flatten" or "mean" over the last feature map; None is the net's usual one (flatten when
     pooled; mean when strided). supervised-reptile's Omniglot net is the strided one with "flatten"
     (2x2x64 = 256 features from 28x28 images).
+    init="he_fan_out" draws each conv weight from N(0, sqrt(2 / (k * k * out_channels))) and sets BatchNorm's
+    weight to 1 and bias to 0 (Chen et al.'s `init_layer`, wyharveychen/CloserLookFewShot backbone.py; the conv
+    biases and the head keep PyTorch's initialization, as theirs do); "default" leaves PyTorch's own (uniform
+    in +-1/sqrt(k * k * in_channels)), the weights every other protocol was written with.
     activation="leaky_relu" (slope 0.01, F.leaky_relu's default) is the MAML++ authors' network.
     `features` maps images to embeddings and `head` embeddings to logits (forward = head(features(x))):
     the split ANIL adapts across and ProtoNets embed with. track_running_stats=False makes BatchNorm
@@ -57,6 +75,7 @@ class Conv4(nn.Module):
         track_running_stats: bool = False,
         activation: str = "relu",
         readout: str | None = None,
+        init: str = "default",
     ) -> None:
         super().__init__()
         for name, value in (("in_channels", in_channels), ("n_way", n_way), ("hidden", hidden), ("image_size", image_size)):
@@ -73,6 +92,8 @@ class Conv4(nn.Module):
             readout = "flatten" if pool else "mean"
         if readout not in READOUTS:
             raise ConfigError(f"Conv4 readout={readout!r} is not known: use one of {READOUTS}, or null for the net's usual one (model.readout).")
+        if init not in INITS:
+            raise ConfigError(f"Conv4 init={init!r} is not known: use default (PyTorch's) or he_fan_out (Chen et al.'s), model.init.")
         channels = [in_channels] + [hidden] * 4
         blocks = [_block(c_in, c_out, pool, track_running_stats, activation) for c_in, c_out in zip(channels, channels[1:])]
         flatten = readout == "flatten"
@@ -81,6 +102,8 @@ class Conv4(nn.Module):
         for _ in range(4):
             side = side // 2 if pool else (side + 1) // 2
         self.head = nn.Linear(hidden * side * side if flatten else hidden, n_way)
+        if init == "he_fan_out":
+            he_fan_out_(self.features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits [batch, n_way] of images [batch, in_channels, image_size, image_size]."""
