@@ -88,6 +88,44 @@ def test_pretraining_steps_and_evaluation_through_lightning(head, one_thread):
     assert outcome.accs.shape == (2, points) and outcome.logits.shape == (2, points, 6, 3) and outcome.loss.shape == (2,)
 
 
+def test_logits_features_are_the_l2_normalized_pretraining_logits(one_thread):
+    """algo.features=logits (RFS's use_logit=True): the logistic head is fitted on L2-normalized classifier outputs, by hand."""
+    from sklearn.linear_model import LogisticRegression
+
+    batch = make_batch(2, n_way=3, k_shot=2, k_query=3, seed=1)
+    # batch statistics (each task's images normalized together, here and by hand): fresh running statistics would
+    # shrink every embedding to nearly the same point and both classifiers to chance
+    on_logits = Baseline(tiny_conv4(n_way=3, hidden=16), head="logistic", num_classes=7, features="logits").eval()
+    on_embedding = Baseline(tiny_conv4(n_way=3, hidden=16), head="logistic", num_classes=7).eval()
+    with torch.no_grad():
+        on_logits.classifier.bias.uniform_(-1, 1, generator=torch.Generator().manual_seed(0))  # pretraining moves it from 0
+    on_embedding.load_state_dict(on_logits.state_dict())  # the same body and classifier
+    assert on_embedding.features == "embedding"  # Chen et al.'s, the default
+    support, query = on_logits.embed_tasks(batch)
+    assert support.shape == (2, 6, 7) and query.shape == (2, 9, 7)  # one feature per training class
+    got = on_logits.evaluate_tasks(batch, "test", [0, 1], keep_logits=True).logits
+    weight, bias = on_logits.classifier.weight.detach().double(), on_logits.classifier.bias.detach().double()
+    for task in range(2):
+        with torch.no_grad():
+            embedding = on_logits.model.features(torch.cat([batch["support_x"][task], batch["query_x"][task]])).double()
+        logits = embedding @ weight.T + bias
+        logits = logits / logits.pow(2).sum(dim=1, keepdim=True).sqrt()
+        classifier = LogisticRegression(random_state=0, solver="lbfgs", max_iter=1000).fit(logits[:6].numpy(), batch["support_y"][task].numpy())
+        expected = torch.from_numpy(classifier.predict_log_proba(logits[6:].numpy())).float()
+        torch.testing.assert_close(got[task, 0], expected, rtol=0, atol=1e-3)
+    from_embedding = on_embedding.evaluate_tasks(batch, "test", [0, 1], keep_logits=True).logits
+    assert (from_embedding - got).abs().max() > 0.05, "the embedding and the logits gave the same classifier: the test cannot tell them apart"
+
+
+def test_rfs_protocols_read_the_logits_and_chen_et_als_the_embedding(compose_train):
+    for experiment in ("rfs_miniimagenet_5w1s", "rfs_tiered_imagenet_5w5s", "rfs_cifar_fs_5w1s", "rfs_fc100_5w5s"):
+        assert compose_train(f"experiment={experiment}").algo.features == "logits", experiment
+    for experiment in ("baseline_miniimagenet_5w1s", "baselinepp_miniimagenet_5w5s", "quick_omniglot_baseline"):
+        assert compose_train(f"experiment={experiment}").algo.features == "embedding", experiment
+    with pytest.raises(ConfigError, match=r"algo.features='pooled' is not known: use embedding .* or logits"):
+        build(compose_train("algo=baseline", "algo.features=pooled"))
+
+
 def test_an_unknown_head_is_one_clear_error(compose_train):
     with pytest.raises(ConfigError, match=r"algo.head='svm' is not known: use linear \(Baseline\), cosine \(Baseline\+\+\) or logistic"):
         build(compose_train("algo=baseline", "algo.head=svm"))

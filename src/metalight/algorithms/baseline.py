@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from metalight.algorithms.base import EpisodicModule, OptimizerFactory, SchedulerFactory, outcome_of_logits, require_features_and_head
 from metalight.algorithms.functional import TaskOutcome, accuracy
-from metalight.algorithms.heads import HEADS, FitRecipe, fit_heads, fit_logistic, pretraining_classifier
+from metalight.algorithms.heads import FEATURES, HEADS, FitRecipe, fit_heads, fit_logistic, pretraining_classifier
 from metalight.algorithms.reptile import task_generator
 from metalight.errors import ConfigError
 
@@ -24,9 +24,12 @@ class Baseline(EpisodicModule):
     statistics and is independent of the others), a new head is fitted on the support embeddings
     and scores the queries. `head`: linear (Baseline: linear pretraining classifier, linear head fitted
     by SGD), cosine (Baseline++: cosine classifier in both places) or logistic (RFS-simple: linear
-    pretraining classifier, scikit-learn's logistic regression on L2-normalized embeddings). The SGD
-    heads report the query accuracy after every pass over the support set (acc_step{k}); heads.py has
-    the authors' recipes.
+    pretraining classifier, scikit-learn's logistic regression on L2-normalized features). `features`:
+    what the per-task head sees, the body's embedding (Chen et al.'s, the default) or the pretraining
+    classifier's logits over the training classes (RFS's eval/meta_eval.py default, use_logit=True; the
+    rfs_* protocols set it; the logistic head L2-normalizes them as it does embeddings). The SGD heads
+    report the query accuracy after every pass over the support set (acc_step{k}); heads.py has the
+    authors' recipes.
     """
 
     train_mode = "flat"
@@ -38,6 +41,7 @@ class Baseline(EpisodicModule):
         head: str = "linear",
         scale: float | None = None,
         num_classes: int | None = None,
+        features: str = "embedding",
         fit_epochs: int = 100,
         fit_batch_size: int = 4,
         fit_lr: float = 0.01,
@@ -53,6 +57,11 @@ class Baseline(EpisodicModule):
         require_features_and_head(model, "algo=baseline")
         if head not in HEADS:
             raise ConfigError(f"algo.head={head!r} is not known: use linear (Baseline), cosine (Baseline++) or logistic (RFS-simple).")
+        if features not in FEATURES:
+            raise ConfigError(
+                f"algo.features={features!r} is not known: use embedding (the body's output, Chen et al.) or logits "
+                "(the pretraining classifier's outputs, RFS's default)."
+            )
         if scale is not None and not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0):
             raise ConfigError(f"algo.scale={scale!r} is not valid: use a number > 0, or null for Chen et al.'s (2, or 10 above 200 classes).")
         if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2):
@@ -66,7 +75,7 @@ class Baseline(EpisodicModule):
         model.head = nn.Identity()  # model(x) is now the embedding
         super().__init__(model, optimizer, scheduler, gradient_clip_val, "auto", max_nonfinite_steps, transductive=True)
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
-        self.head_type, self.scale, self.num_classes, self.seed = head, scale, num_classes, seed
+        self.head_type, self.scale, self.num_classes, self.features, self.seed = head, scale, num_classes, features, seed
         self.recipe = FitRecipe(fit_epochs, fit_batch_size, fit_lr, fit_momentum, fit_dampening, fit_weight_decay)
         self.classifier: nn.Module | None = None
         if num_classes is not None:
@@ -115,15 +124,20 @@ class Baseline(EpisodicModule):
         self.manual_backward(loss)
         return TaskOutcome(loss.detach().unsqueeze(0), accuracy(logits.detach(), batch["y"]).view(1, 1), {}, logits.new_zeros(0))
 
+    def represent(self, images: Tensor) -> Tensor:
+        """What the per-task head sees of `images`: the embedding [M, D], or the pretraining classifier's logits [M, outputs]."""
+        embedding = self.model(images)
+        return embedding if self.features == "embedding" else self.classifier(embedding)
+
     def embed_tasks(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """Support and query embeddings [B, S, D] and [B, Q, D], each task's images embedded as one batch, without gradients."""
+        """Support and query features [B, S, D] and [B, Q, D] (algo.features), each task's images as one batch, without gradients."""
         shots = batch["support_x"].shape[1]
         with torch.no_grad():
-            embedded = torch.stack([self.model(torch.cat([s, q])) for s, q in zip(batch["support_x"], batch["query_x"])])
+            embedded = torch.stack([self.represent(torch.cat([s, q])) for s, q in zip(batch["support_x"], batch["query_x"])])
         return embedded[:, :shots], embedded[:, shots:]
 
     def evaluate_tasks(self, batch: dict[str, Tensor], stream: str, task_ids: list[int], keep_logits: bool = False) -> TaskOutcome:
-        """Fit a new head per task on its support embeddings and score its queries: accs [B, P] (P = fit_epochs + 1, or 1 for logistic)."""
+        """Fit a new head per task on its support features and score its queries: accs [B, P] (P = fit_epochs + 1, or 1 for logistic)."""
         z_support, z_query = self.embed_tasks(batch)
         support_y, query_y = batch["support_y"], batch["query_y"]
         if self.head_type == "logistic":

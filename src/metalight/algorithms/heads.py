@@ -4,8 +4,10 @@ Chen et al. 2019 (wyharveychen/CloserLookFewShot, methods/baselinefinetune.py) d
 fit a new linear or cosine one per task on the support embeddings: 100 passes over the support set in
 shuffled minibatches of 4, torch's SGD with lr 0.01, momentum 0.9, dampening 0.9 and weight decay 0.001
 (so 200 steps for 5-way 1-shot, 700 for 5-shot), from nn.Linear's random initialization. Tian et al. 2020
-(WangYueFt/rfs, eval/meta_eval.py) L2-normalize the embeddings and fit scikit-learn's
-LogisticRegression(random_state=0, solver="lbfgs", max_iter=1000), multinomial with C=1.
+(WangYueFt/rfs, eval/meta_eval.py) L2-normalize the features and fit scikit-learn's
+LogisticRegression(random_state=0, solver="lbfgs", max_iter=1000), multinomial with C=1. Their features are by
+default (meta_test's use_logit=True) the pretraining network's logits over the 64 training classes, not its
+640-d embedding; eval_fewshot.py reports both. Baseline's `features` (algo.features=logits|embedding) chooses.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import Tensor, nn
 from metalight.errors import ConfigError
 
 HEADS = ("linear", "cosine", "logistic")
+FEATURES = ("embedding", "logits")
 
 
 def cosine_scale(outputs: int) -> float:
@@ -136,7 +139,7 @@ def fit_heads(
 
 
 def fit_logistic(z_support: Tensor, y_support: Tensor, z_query: Tensor) -> Tensor:
-    """RFS's classifier per task on L2-normalized embeddings: the query log-probabilities [B, 1, Q, N] (deterministic)."""
+    """RFS's classifier per task on L2-normalized features (embeddings or logits): the query log-probabilities [B, 1, Q, N] (deterministic)."""
     from sklearn.linear_model import LogisticRegression  # imported here: only algo.head=logistic needs scikit-learn
 
     support = F.normalize(z_support, dim=-1).double().cpu().numpy()
