@@ -59,7 +59,7 @@ class ProtoNet(EpisodicModule):
         if isinstance(finetune_steps, bool) or not isinstance(finetune_steps, int) or finetune_steps < 0:
             raise ConfigError(f"algo.finetune_steps={finetune_steps!r} is not valid: use a whole number >= 0 (0: no fine-tuning; Hu et al.: 50).")
         if not finetune_lr > 0:
-            raise ConfigError(f"algo.finetune_lr={finetune_lr!r} is not valid: use a number > 0 (Hu et al. pick one of 1e-4, 1e-3, 1e-2 on validation tasks).")
+            raise ConfigError(f"algo.finetune_lr={finetune_lr!r} is not valid: use a number > 0, or algo.finetune_steps=0 for none (Hu et al. choose per domain among 0, 1e-4, 1e-3 and 1e-2).")
         model.head = nn.Identity()  # model(x) is now the embedding
         super().__init__(model, optimizer, scheduler, gradient_clip_val, task_parallel, max_nonfinite_steps, transductive)
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
