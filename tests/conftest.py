@@ -42,10 +42,9 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("metalight_cache")
 
 
-@pytest.fixture(scope="session")
-def compose_in(data_dir: Path, cache_dir: Path):
+def _composer(data_dir: Path | None, cache_dir: Path):
     """compose(folder, *overrides): conf/train.yaml (or config_name) shrunk for a test on `accelerator` (the CPU
-    unless told), with the real data and the session's cache, outputs under folder; for fixtures of any scope."""
+    unless told), with data_dir (when given) and the session's cache, outputs under folder."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
@@ -56,7 +55,8 @@ def compose_in(data_dir: Path, cache_dir: Path):
         with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
             cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
         with open_dict(cfg):
-            cfg.paths.data_dir = str(data_dir)
+            if data_dir is not None:
+                cfg.paths.data_dir = str(data_dir)
             cfg.paths.cache_dir = str(cache_dir)
             cfg.paths.log_dir = str(folder / "logs")
             cfg.paths.output_dir = str(folder / "run")
@@ -71,7 +71,26 @@ def compose_in(data_dir: Path, cache_dir: Path):
         HydraConfig().set_config(cfg)
         return cfg
 
-    yield _compose
+    return _compose
+
+
+@pytest.fixture(scope="session")
+def compose_in(data_dir: Path, cache_dir: Path):
+    """compose(folder, *overrides) with the real data (conftest._composer); for fixtures of any scope."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    yield _composer(data_dir, cache_dir)
+    GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def compose_generated(cache_dir: Path, tmp_path: Path):
+    """compose(*overrides) for configs whose tasks are generated (data=sinusoid, ...): no data folder needed, outputs under tmp_path."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    compose = _composer(None, cache_dir)
+    # folder: a subfolder of tmp_path for one of several runs of a test
+    yield lambda *overrides, folder="", **options: compose(tmp_path / folder, *overrides, **options)
     GlobalHydra.instance().clear()
 
 

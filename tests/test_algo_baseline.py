@@ -85,7 +85,7 @@ def test_pretraining_steps_and_evaluation_through_lightning(head, one_thread):
     assert any(k.startswith("classifier.") for k in moved) and any(k.startswith("model.features.") for k in moved)
     outcome = algorithm.evaluate_tasks(make_batch(2, n_way=3), "val", [0, 1], keep_logits=True)
     points = 1 if head == "logistic" else 3
-    assert outcome.accs.shape == (2, points) and outcome.logits.shape == (2, points, 6, 3) and outcome.loss.shape == (2,)
+    assert outcome.scores.shape == (2, points) and outcome.logits.shape == (2, points, 6, 3) and outcome.loss.shape == (2,)
 
 
 def test_logits_features_are_the_l2_normalized_pretraining_logits(one_thread):

@@ -265,7 +265,7 @@ def test_evaluation_beyond_the_training_steps_reuses_the_last_row_and_step_size(
         for v in sizes.values():
             v.copy_(torch.tensor([0.0, 0.1]))  # no move at step 1, then 0.1 at every later step
     outcome = algorithm.evaluate_tasks(make_batch(2), "val", [0, 1], keep_logits=True)
-    assert outcome.accs.shape == (2, 5)
+    assert outcome.scores.shape == (2, 5)
     # step 1 moved nothing (its step size is 0): the logits before and after it are the same, later ones differ
     torch.testing.assert_close(outcome.logits[:, 1], outcome.logits[:, 0])
     assert not torch.allclose(outcome.logits[:, 4], outcome.logits[:, 2])

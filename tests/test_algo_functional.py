@@ -147,7 +147,7 @@ def test_vmap_and_loop_agree(first_order, dtype):
     loop = InnerLoop(steps=2, lr=0.4, first_order=first_order)
     (loss_v, out_v), (loss_l, out_l) = (meta_objective(model, batch, loop, path) for path in ("vmap", "loop"))
     torch.testing.assert_close(out_v.loss, out_l.loss, rtol=0, atol=1e-5)
-    torch.testing.assert_close(out_v.accs, out_l.accs)
+    torch.testing.assert_close(out_v.scores, out_l.scores)
     if dtype == F64:  # float32 gradients differ by rounding (grouped vs single, NCHW vs channels-last kernels)
         grads_v = torch.autograd.grad(loss_v, list(model.parameters()))
         grads_l = torch.autograd.grad(loss_l, list(model.parameters()))
@@ -173,9 +173,9 @@ def test_vmap_and_loop_agree_on_evaluation_and_reptile_weights(transductive):
         )
         for path in ("vmap", "loop")
     ]
-    assert outcomes[0].accs.shape == (3, 5)
+    assert outcomes[0].scores.shape == (3, 5)
     torch.testing.assert_close(outcomes[0].loss, outcomes[1].loss)
-    torch.testing.assert_close(outcomes[0].accs, outcomes[1].accs)
+    torch.testing.assert_close(outcomes[0].scores, outcomes[1].scores)
     for k in params:
         torch.testing.assert_close(outcomes[0].params[k], outcomes[1].params[k])
 
@@ -257,10 +257,10 @@ def test_query_scoring_modes(record, n_accs):
     params, fixed = split_state(model)
     batch = make_batch(2)
     outcome = run_tasks(make_task_fn(model, fixed, InnerLoop(steps=3, lr=0.1), "loop", record=record), params, batch, None, "loop", False)
-    assert outcome.accs.shape == (2, n_accs)
+    assert outcome.scores.shape == (2, n_accs)
     if record == "none":
         assert not outcome.loss.any()
     else:
         reference = run_tasks(make_task_fn(model, fixed, InnerLoop(steps=3, lr=0.1), "loop", record="every_step"), params, batch, None, "loop", False)
         torch.testing.assert_close(outcome.loss, reference.loss)
-        torch.testing.assert_close(outcome.accs[:, -1], reference.accs[:, -1])
+        torch.testing.assert_close(outcome.scores[:, -1], reference.scores[:, -1])

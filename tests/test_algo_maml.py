@@ -64,10 +64,10 @@ def test_evaluation_aggregates_over_tasks_not_batches():
         make_task_fn(model.eval(), fixed, InnerLoop(steps=2, lr=0.5), "loop", record="every_step"),
         {k: v.detach() for k, v in params.items()}, tasks, None, "loop", second_order=False,
     )
-    accs = outcome.accs[:, -1].double()
+    accs = outcome.scores[:, -1].double()
     assert maml.test_results["acc"] == pytest.approx(accs.mean().item())
     assert maml.test_results["acc_ci95"] == pytest.approx(1.96 * accs.std().item() / math.sqrt(5))
-    assert maml.test_results["acc_steps"] == pytest.approx(outcome.accs.double().mean(0).tolist())
+    assert maml.test_results["acc_steps"] == pytest.approx(outcome.scores.double().mean(0).tolist())
     assert maml.test_results["loss"] == pytest.approx(outcome.loss.mean().item(), rel=1e-6)
 
 

@@ -23,7 +23,7 @@ def test_step_zero_is_plain_protonets_and_the_weights_stay_untouched():
     before = {k: v.clone() for k, v in tuned.state_dict().items()}
     outcome = tuned.evaluate_tasks(batch, "test", list(range(TASKS)), keep_logits=True)
     reference = plain.evaluate_tasks(batch, "test", list(range(TASKS)), keep_logits=True)
-    assert outcome.accs.shape == (TASKS, STEPS + 1) and outcome.logits.shape == (TASKS, STEPS + 1, 9, 3)
+    assert outcome.scores.shape == (TASKS, STEPS + 1) and outcome.logits.shape == (TASKS, STEPS + 1, 9, 3)
     torch.testing.assert_close(outcome.logits[:, 0], reference.logits[:, 0], rtol=1e-4, atol=1e-4)
     assert not torch.allclose(outcome.logits[:, -1], outcome.logits[:, 0]), "fine-tuning changed no prediction"
     assert all(torch.equal(before[k], v) for k, v in tuned.state_dict().items()), "evaluation changed the meta-trained weights"

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from metalight.data import FewShotDataModule
-from metalight.data.episodes import EvalTaskSampler, TrainTaskSampler
+from metalight.tasks.samplers import EvalTaskSampler, TrainTaskSampler
 from metalight.data.preprocess import Augment, build_transforms
 from metalight.errors import ConfigError, DataError
 from metalight.runs.training import build_data_and_algorithm

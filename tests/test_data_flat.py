@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from metalight.data import FewShotDataModule
-from metalight.data.episodes import TrainTaskSampler
+from metalight.tasks.samplers import TrainTaskSampler
 from metalight.errors import DataError
 from synthetic_data import SIZE, write_folder
 

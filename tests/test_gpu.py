@@ -92,7 +92,7 @@ def test_vmap_and_loop_agree(where, dtype, full_float32, record_property):
     record_property("relative_grad_diff", grad_error)
     torch.testing.assert_close(out_v.loss, out_l.loss, rtol=0, atol=TOLERANCE[dtype]["loss"])
     # a query scored differently changes an accuracy by 1 / queries: rounding may flip a near-tie, no more
-    torch.testing.assert_close(out_v.accs, out_l.accs, rtol=0, atol=1.01 / batch["query_y"].shape[1])
+    torch.testing.assert_close(out_v.scores, out_l.scores, rtol=0, atol=1.01 / batch["query_y"].shape[1])
     assert grad_error <= TOLERANCE[dtype]["grads"], grad_error
 
 

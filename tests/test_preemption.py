@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from metalight.runs.checkpoint_io import AtomicCheckpointIO
 from metalight.runs.checkpoints import load_checkpoint
-from metalight.data.episodes import EvalTaskSampler, TrainTaskSampler
+from metalight.tasks.samplers import EvalTaskSampler, TrainTaskSampler
 from metalight.errors import ConfigError
 from metalight.runs.preemption import LastCheckpoint, StepSeed, step_seed
 

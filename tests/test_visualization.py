@@ -9,7 +9,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from metalight.algorithms import MAML, Reptile
 from metalight.runs.training import train
-from metalight.visualization import RIGHT, SUPPORT, WRONG, inner_step_accuracy, query_predictions, read_scalars, task_grid
+from metalight.visualization import inner_step_accuracy, query_predictions, read_scalars, task_grid
+from metalight.visualization.images import RIGHT, SUPPORT, WRONG
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,7 +79,7 @@ def test_predictions_give_the_accuracy_evaluation_reports(algorithm_class, trans
     loop = algorithm.eval_loop
     indices = algorithm.task_indices(batch, loop, "val", [0, 1, 2])
     params = {k: v.detach() for k, v in algorithm.model.named_parameters()}
-    reported = algorithm.adapt(batch, loop, params, indices, record="ends", transductive=transductive).accs
+    reported = algorithm.adapt(batch, loop, params, indices, record="ends", transductive=transductive).scores
     mine = torch.stack([(p == batch["query_y"]).float().mean(dim=1) for p in (before, after)], dim=1)
     assert torch.allclose(mine, reported.float())
 

@@ -12,7 +12,8 @@ loop (ProtoNets) overrides `evaluate_tasks` instead. This class owns the rest:
   the meta-parameters on the support set with gradients on, the Trainer running with
   inference_mode=False, and score after every inner step), sums over tasks locally and reduces the
   sums across ranks once per epoch;
-* the train/*, val/*, test/* metrics and `test_results` for eval.py.
+* the train/*, val/*, test/* metrics and `test_results` for eval.py, named after the task kind's
+  metric (val/acc for classification, val/mse for regression: `task_kind`, see tasks/kinds.py).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from metalight.algorithms.functional import (
     split_state,
 )
 from metalight.errors import ConfigError, MetalightError
+from metalight.tasks.kinds import CLASSIFICATION, KINDS, TaskKind
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., Any]
@@ -59,7 +61,7 @@ def require_features_and_head(model: nn.Module, algorithm: str) -> None:
 
 
 def outcome_of_logits(logits: Tensor, query_y: Tensor, keep_logits: bool = False) -> TaskOutcome:
-    """The TaskOutcome of query logits recorded after every step, [B, P, Q, N]: accs [B, P], loss [B] at the last step."""
+    """The TaskOutcome of query logits recorded after every step, [B, P, Q, N]: accuracies [B, P], loss [B] at the last step."""
     accs = (logits.argmax(-1) == query_y.unsqueeze(1)).to(logits.dtype).mean(-1)
     loss = F.cross_entropy(logits[:, -1].flatten(0, 1), query_y.flatten(), reduction="none").view(len(query_y), -1).mean(1)
     return TaskOutcome(loss, accs, {}, logits if keep_logits else logits.new_zeros(0))
@@ -110,6 +112,8 @@ class EpisodicModule(pl.LightningModule):
         self._eval_sums: Tensor | None = None
         self._eval_seen = 0
         self._last_step_start: float | None = None
+        # the task interface: loss and metric of the tasks this learner meets (set from the data module)
+        self.task_kind: TaskKind = CLASSIFICATION
 
     # ---- what a subclass provides -------------------------------------------------------------
     # the inner loop used while meta-training, and the one of validation and test (never builds a
@@ -121,6 +125,9 @@ class EpisodicModule(pl.LightningModule):
     train_mode = "episodes"
     # the throughput metric: meta-batches count tasks; a learner trained on images counts images
     throughput_metric = "train/tasks_per_s"
+    # the kinds of task (tasks/kinds.py) this learner can take: a gradient-based learner takes any
+    # loss; one built around class prototypes or classifier heads lists "classification" alone
+    task_kinds: tuple[str, ...] = tuple(KINDS)
 
     def compute_meta_gradient(self, batch: dict[str, Tensor], measure: bool) -> TaskOutcome:
         """Leave the meta-gradient (synced across ranks) in .grad; with measure, score the query set before and after."""
@@ -146,9 +153,35 @@ class EpisodicModule(pl.LightningModule):
         return None
 
     # ---- shared machinery ---------------------------------------------------------------------
+    @classmethod
+    def check_task_kind(cls, kind: TaskKind) -> None:
+        """ConfigError, naming the fix, when this learner cannot take tasks of `kind` (a classifier on regression tasks)."""
+        if kind.name not in cls.task_kinds:
+            raise ConfigError(
+                f"algo={cls.__name__} learns {' and '.join(cls.task_kinds)} tasks only, but the data (data=...) gives "
+                f"{kind.name} tasks: choose a gradient-based learner (algo=maml, fomaml, reptile, anil, metasgd, mamlpp, "
+                "pretrained) or a data set of its kind."
+            )
+
+    def use_task_kind(self, kind: TaskKind) -> None:
+        """Learn tasks of `kind` (its loss, its metric); ConfigError when this learner cannot take them."""
+        self.check_task_kind(kind)
+        self.task_kind = kind
+
+    def setup(self, stage: str) -> None:
+        """Take the task kind of the attached data module (a Trainer given a data module built by hand, too)."""
+        kind = getattr(self._trainer.datamodule, "kind", None) if self._trainer is not None else None
+        if isinstance(kind, TaskKind):
+            self.use_task_kind(kind)
+
+    @property
+    def metric(self) -> str:
+        """The name of the task kind's metric in logs and results: acc (classification) or mse (regression)."""
+        return self.task_kind.metric
+
     @property
     def eval_steps(self) -> int | None:
-        """Steps evaluation adapts by (accs then has eval_steps + 1 columns, step 0 = before), None when it does not adapt by steps."""
+        """Steps evaluation adapts by (scores then has eval_steps + 1 columns, step 0 = before), None when it does not adapt by steps."""
         return self.eval_loop.steps if self.eval_loop is not None else None
 
     @property
@@ -170,7 +203,7 @@ class EpisodicModule(pl.LightningModule):
         """Adapt every task of `batch` from `params` with `loop` and this learner's inner_options; options go to make_task_fn."""
         _, fixed = split_state(self.model)
         path = self.path()
-        task_fn = make_task_fn(self.model, fixed, loop, path, **self.inner_options(training), **options)
+        task_fn = make_task_fn(self.model, fixed, loop, path, kind=self.task_kind, **self.inner_options(training), **options)
         return run_tasks(task_fn, params, batch, indices, path, second_order=not loop.first_order)
 
     def meta_backward(
@@ -195,11 +228,11 @@ class EpisodicModule(pl.LightningModule):
         return outcome
 
     def evaluate_tasks(self, batch: dict[str, Tensor], stream: str, task_ids: list[int], keep_logits: bool = False) -> TaskOutcome:
-        """Score the query sets of a batch of val/test tasks: accs [B, P] (P = eval_loop.steps + 1, step 0 = before adaptation).
+        """Score the query sets of a batch of val/test tasks: scores [B, P] (P = eval_loop.steps + 1, step 0 = before adaptation).
 
         The tasks are adapted from the meta-parameters with the evaluation loop, exactly as validation
         and test do; task_ids number them within `stream` (they seed Reptile's minibatches).
-        keep_logits: also return the query logits at every step, [B, P, N*Q, N].
+        keep_logits: also return the query outputs at every step, [B, P, Q, ...].
         """
         indices = self.task_indices(batch, self.eval_loop, stream, task_ids)
         params = {k: v.detach() for k, v in split_state(self.model)[0].items()}
@@ -233,7 +266,7 @@ class EpisodicModule(pl.LightningModule):
         # rank takes the same skip decision (the gradient norm is the same everywhere after DDP's sync)
         local = [outcome.loss.detach().mean()]
         if measure:
-            local += [outcome.accs[:, -1].mean(), outcome.accs[:, 0].mean()]
+            local += [outcome.scores[:, -1].mean(), outcome.scores[:, 0].mean()]
         reduced = self.trainer.strategy.reduce(torch.stack(local).float(), reduce_op="mean")
         loss = reduced[0]
         grads = [p.grad for p in self.parameters() if p.grad is not None]
@@ -260,8 +293,8 @@ class EpisodicModule(pl.LightningModule):
         self._last_step_start = start
         if measure:
             if self.train_loop is not None:
-                self.log("train/acc_before", reduced[2], on_step=True, on_epoch=False, batch_size=batch_size)
-            self.log_dict({"train/loss": loss, "train/acc": reduced[1]}, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
+                self.log(f"train/{self.metric}_before", reduced[2], on_step=True, on_epoch=False, batch_size=batch_size)
+            self.log_dict({"train/loss": loss, f"train/{self.metric}": reduced[1]}, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
 
     def mean_inner_lr(self) -> float:
         """train/inner_lr: the configured inner step size, or the mean of the learned ones (Meta-SGD, MAML++ LSLR)."""
@@ -308,7 +341,7 @@ class EpisodicModule(pl.LightningModule):
 
     # ---- evaluation ---------------------------------------------------------------------------
     def _start_eval(self) -> None:
-        """Zero the per-epoch sums: count, acc, acc^2, loss, acc_before^2, then acc at each inner step (or once)."""
+        """Zero the per-epoch sums: count, score, score^2, loss, score_before^2, then the score at each inner step (or once)."""
         points = self.eval_steps + 1 if self.adapts else 1
         self._eval_sums = torch.zeros(5 + points, dtype=torch.float64, device=self.device)
         self._eval_seen = 0
@@ -330,10 +363,10 @@ class EpisodicModule(pl.LightningModule):
         outcome = self.evaluate_tasks(batch, stream, task_ids, keep_logits=keep)
         if keep:
             self.test_outputs.append((outcome.logits[:, -1].detach().cpu(), batch["query_y"].cpu()))
-        accs = outcome.accs.detach().double()
-        final, before = accs[:, -1], accs[:, 0]
+        scores = outcome.scores.detach().double()
+        final, before = scores[:, -1], scores[:, 0]
         head = torch.stack([final.new_tensor(float(len(final))), final.sum(), (final**2).sum(), outcome.loss.detach().double().sum(), (before**2).sum()])
-        self._eval_sums += torch.cat([head, accs.sum(dim=0)])
+        self._eval_sums += torch.cat([head, scores.sum(dim=0)])
         self._eval_seen += len(final)
 
     def _finish_eval(self, stage: str) -> dict[str, Any]:
@@ -345,17 +378,18 @@ class EpisodicModule(pl.LightningModule):
         n = int(sums[0])
         if n == 0:
             return {}
-        acc, acc_ci95 = mean_and_ci95(sums[1], sums[2], n)
-        results: dict[str, Any] = {"acc": acc, "acc_ci95": acc_ci95, "loss": sums[3] / n, "n_tasks": n}
+        metric = self.metric
+        score, score_ci95 = mean_and_ci95(sums[1], sums[2], n)
+        results: dict[str, Any] = {metric: score, f"{metric}_ci95": score_ci95, "loss": sums[3] / n, "n_tasks": n}
         if self.adapts:
-            acc_before, acc_before_ci95 = mean_and_ci95(sums[5], sums[4], n)
-            results |= {"acc_before": acc_before, "acc_before_ci95": acc_before_ci95, "acc_steps": [s / n for s in sums[5:]]}
-        logged = {f"{stage}/{k}": v for k, v in results.items() if k not in ("acc", "n_tasks", "acc_steps")}
-        logged.update({f"{stage}/acc_step{k}": v for k, v in enumerate(results.get("acc_steps", []))})
+            before, before_ci95 = mean_and_ci95(sums[5], sums[4], n)
+            results |= {f"{metric}_before": before, f"{metric}_before_ci95": before_ci95, f"{metric}_steps": [s / n for s in sums[5:]]}
+        logged = {f"{stage}/{k}": v for k, v in results.items() if k not in (metric, "n_tasks", f"{metric}_steps")}
+        logged.update({f"{stage}/{metric}_step{k}": v for k, v in enumerate(results.get(f"{metric}_steps", []))})
         # identical on every rank already (reduced above); sync_dist averages equal values, so it only
         # keeps Lightning from warning about unsynced epoch-level metrics under DDP
         self.log_dict(logged, sync_dist=True)
-        self.log(f"{stage}/acc", acc, prog_bar=True, sync_dist=True)
+        self.log(f"{stage}/{metric}", score, prog_bar=True, sync_dist=True)
         return results
 
     def on_validation_epoch_start(self) -> None:
@@ -367,7 +401,7 @@ class EpisodicModule(pl.LightningModule):
         self._eval_step(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
-        """Log val/acc (checkpoint monitor), val/acc_ci95, val/acc_before, val/loss, val/acc_step{k}."""
+        """Log val/acc (checkpoint monitor; val/mse for regression), val/acc_ci95, val/acc_before, val/loss, val/acc_step{k}."""
         self._finish_eval("val")
 
     def on_test_epoch_start(self) -> None:
@@ -379,7 +413,7 @@ class EpisodicModule(pl.LightningModule):
         self._eval_step(batch, "test")
 
     def on_test_epoch_end(self) -> None:
-        """Log test/* and keep them in `test_results` (acc, acc_ci95, loss, n_tasks; acc_before, acc_steps when it adapts)."""
+        """Log test/* and keep them in `test_results` (acc, acc_ci95, loss, n_tasks; acc_before, acc_steps when it adapts; mse_* for regression)."""
         self.test_results = self._finish_eval("test")
 
     # ---- checkpoint ---------------------------------------------------------------------------

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metalight.algorithms.base import EpisodicModule, OptimizerFactory, SchedulerFactory, outcome_of_logits, require_features_and_head
-from metalight.algorithms.functional import TaskOutcome, accuracy
+from metalight.algorithms.functional import TaskOutcome
+from metalight.tasks.kinds import accuracy
 from metalight.algorithms.heads import FEATURES, HEADS, FitRecipe, fit_heads, fit_logistic, pretraining_classifier
 from metalight.algorithms.reptile import task_generator
 from metalight.errors import ConfigError
@@ -33,6 +34,7 @@ class Baseline(EpisodicModule):
     """
 
     train_mode = "flat"
+    task_kinds = ("classification",)  # a classifier over the training classes, then classifier heads per task
     throughput_metric = "train/images_per_s"
 
     def __init__(
@@ -118,7 +120,7 @@ class Baseline(EpisodicModule):
         return torch.optim.Adam(params, lr=1e-3)
 
     def compute_meta_gradient(self, batch: dict[str, Tensor], measure: bool) -> TaskOutcome:
-        """Cross-entropy of the classifier on a batch of labelled images, backpropagated (DDP averages it); accs [1, 1]."""
+        """Cross-entropy of the classifier on a batch of labelled images, backpropagated (DDP averages it); scores [1, 1] (accuracy)."""
         logits = self.classifier(self.model(batch["x"]))
         loss = F.cross_entropy(logits, batch["y"])
         self.manual_backward(loss)
@@ -137,7 +139,7 @@ class Baseline(EpisodicModule):
         return embedded[:, :shots], embedded[:, shots:]
 
     def evaluate_tasks(self, batch: dict[str, Tensor], stream: str, task_ids: list[int], keep_logits: bool = False) -> TaskOutcome:
-        """Fit a new head per task on its support features and score its queries: accs [B, P] (P = fit_epochs + 1, or 1 for logistic)."""
+        """Fit a new head per task on its support features and score its queries: scores [B, P] (accuracies; P = fit_epochs + 1, or 1 for logistic)."""
         z_support, z_query = self.embed_tasks(batch)
         support_y, query_y = batch["support_y"], batch["query_y"]
         if self.head_type == "logistic":

@@ -23,6 +23,7 @@ from torch.overrides import TorchFunctionMode
 
 from metalight.errors import ConfigError
 from metalight.models.step_norm import inner_step, recording_batch_statistics
+from metalight.tasks.kinds import CLASSIFICATION, TaskKind
 
 Params = dict[str, Tensor]
 TaskPath = Literal["vmap", "loop"]
@@ -70,10 +71,10 @@ class InnerLoop:
 class TaskOutcome(NamedTuple):
     """What adapting one task (or, stacked, a meta-batch) gives back."""
 
-    loss: Tensor  # query cross-entropy at the adapted weights ([] per task, [B] stacked); MSL: the weighted sum
-    accs: Tensor  # query accuracy at each recorded step, in step order (the last step last)
+    loss: Tensor  # the task kind's query loss at the adapted weights ([] per task, [B] stacked); MSL: the weighted sum
+    scores: Tensor  # the task kind's query metric (accuracy, MSE) at each recorded step, in step order (the last step last)
     params: Params  # adapted weights (empty unless asked for)
-    logits: Tensor  # query logits at each recorded step [P, N*Q, N] (empty unless keep_logits)
+    logits: Tensor  # query outputs (logits, predictions) at each recorded step [P, Q, ...] (empty unless keep_logits)
     batch_statistics: tuple[Tensor, ...] = ()  # per-step BatchNorm [mean; var] in call order (MAML++ BNRS)
     # the inner Adam's moments after the task, {"m": ..., "v": ...} (only when make_task_fn got an initial_state)
     optimizer_state: dict[str, Params] = {}
@@ -121,12 +122,18 @@ def tracks_running_stats(module: nn.Module) -> bool:
     )
 
 
-def resolve_task_parallel(mode: str, device: torch.device, module: nn.Module) -> TaskPath:
-    """The path a meta-batch takes: `vmap` or `loop`; `auto` is vmap on accelerators, loop on CPU.
+def has_convolutions(module: nn.Module) -> bool:
+    """True when the network holds a convolution (an image network), False for fully connected ones."""
+    return any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
 
-    On CPU the loop measured faster than vmap for every benchmark case (benchmarks/meta_step.py);
-    on GPUs vmap batches the tasks into a few large kernels. Running statistics are updated in
-    place, which vmap cannot do, so they force the loop.
+
+def resolve_task_parallel(mode: str, device: torch.device, module: nn.Module) -> TaskPath:
+    """The path a meta-batch takes: `vmap` or `loop`; `auto` is vmap on accelerators and for networks without convolutions, else loop.
+
+    On CPU the loop measured faster than vmap for every convolutional benchmark case, while vmap was
+    faster for the sinusoid MLP, whose tasks are tiny (benchmarks/meta_step.py); on GPUs vmap batches the
+    tasks into a few large kernels. Running statistics are updated in place, which vmap cannot do, so
+    they force the loop.
     """
     if mode not in TASK_PARALLEL:
         raise ConfigError(f"task_parallel={mode!r} is not known: use one of {TASK_PARALLEL}.")
@@ -137,18 +144,8 @@ def resolve_task_parallel(mode: str, device: torch.device, module: nn.Module) ->
             "model.track_running_stats=false or algo.task_parallel=loop."
         )
     if mode == "auto":
-        return "loop" if running or device.type == "cpu" else "vmap"
+        return "loop" if running or (device.type == "cpu" and has_convolutions(module)) else "vmap"
     return mode  # type: ignore[return-value]
-
-
-def task_loss(model: nn.Module, params: Params, fixed: Params, x: Tensor, y: Tensor) -> Tensor:
-    """Mean cross-entropy of the model with weights `params` on one batch."""
-    return F.cross_entropy(functional_call(model, (params, fixed), (x,)), y)
-
-
-def accuracy(logits: Tensor, y: Tensor) -> Tensor:
-    """Fraction of rows whose arg-max is the label."""
-    return (logits.argmax(dim=-1) == y).to(logits.dtype).mean()
 
 
 def _autograd_grads(loss_fn: Callable[[Params], tuple[Tensor, Any]], params: Params, create_graph: bool) -> tuple[Params, Any]:
@@ -297,12 +294,15 @@ def make_task_fn(
     loss_weights: Sequence[float] | None = None,
     statistics_plan: list[tuple[nn.Module, int]] | None = None,
     initial_state: InnerState | None = None,
+    kind: TaskKind = CLASSIFICATION,
 ) -> Callable[..., TaskOutcome]:
     """The function (params, support_x, support_y, query_x, query_y, indices) -> TaskOutcome of one task.
 
-    It takes `loop.steps` inner steps on the support set (or on the minibatches `indices` picks) and
-    scores the query set (`record`): at every step ("every_step"), at step 0 and the last step
-    ("ends"), at the last step only ("last"), or not at all ("none": loss 0, no accuracies; for
+    It takes `loop.steps` inner steps on the support set (or on the minibatches `indices` picks),
+    minimizing `kind.loss` (cross-entropy for classification, MSE for regression: the task interface,
+    tasks/kinds.py), and scores the query set with `kind.score` (`record`): at every step
+    ("every_step"), at step 0 and the last step ("ends"), at the last step only ("last"), or not at
+    all ("none": loss 0, no scores; for
     training steps whose metrics nobody logs). transductive=False scores each query example alone,
     in a batch made of the support set and that one example, so BatchNorm never sees two of them.
 
@@ -333,7 +333,7 @@ def make_task_fn(
             return x
         return functional_call(getattr(model, body), (_prefixed(params, body), _prefixed(fixed, body)), (x,))
 
-    def classify(params: Params, z: Tensor, step: int) -> Tensor:
+    def predict(params: Params, z: Tensor, step: int) -> Tensor:
         with inner_step(step):
             if body is None:
                 return functional_call(model, (params, fixed), (z,))
@@ -345,24 +345,24 @@ def make_task_fn(
         z_query = encode(params, query_x) if transductive else None
 
         def scored(weights: Params, updates: int) -> Tensor:
-            """Query logits after `updates` inner steps."""
+            """Query outputs (logits, predictions) after `updates` inner steps."""
             merged, step = {**params, **weights}, max(updates - 1, 0)
             if transductive:
-                return classify(merged, z_query, step)
+                return predict(merged, z_query, step)
 
             def alone(example: Tensor) -> Tensor:
-                return classify(merged, encode(merged, torch.cat([support_x, example.unsqueeze(0)])), step)[-1]
+                return predict(merged, encode(merged, torch.cat([support_x, example.unsqueeze(0)])), step)[-1]
 
             return torch.vmap(alone)(query_x)
 
         state = _init_state(fast, loop, initial_state)
-        accs, kept, weighted = [], [], []
+        scores, kept, weighted = [], [], []
         with recording_batch_statistics() as records:
             for step in range(loop.steps):
                 if record == "every_step" or (record == "ends" and step == 0):
                     with torch.no_grad(), recording_batch_statistics():  # a measurement: its statistics are dropped
                         logits = scored(fast, step)
-                    accs.append(accuracy(logits, query_y))
+                    scores.append(kind.score(logits, query_y))
                     kept.append(logits)
                 rows = slice(None) if indices is None else indices[step]
                 x, y = z_support[rows], support_y[rows]
@@ -371,7 +371,7 @@ def make_task_fn(
                 def support_loss(weights: Params) -> tuple[Tensor, tuple[Tensor, ...]]:
                     # batch statistics leave torch.func.grad as its aux output (a tensor kept in a list would escape it)
                     with recording_batch_statistics() as inner:
-                        loss = F.cross_entropy(classify({**params, **weights}, x, step), y)
+                        loss = kind.loss(predict({**params, **weights}, x, step), y)
                     plan[:] = [(layer, row) for layer, row, _ in inner]
                     return loss, tuple(stats for *_, stats in inner)
 
@@ -380,7 +380,7 @@ def make_task_fn(
                 # w - lr * g loses the channels-last layout of 1-channel conv weights: restore it
                 fast = {k: layout(v) for k, v in _update(fast, grads, state, step + 1, loop, step_sizes).items()}
                 if loss_weights is not None and step < loop.steps - 1:
-                    weighted.append(loss_weights[step] * F.cross_entropy(scored(fast, step + 1), query_y))
+                    weighted.append(loss_weights[step] * kind.loss(scored(fast, step + 1), query_y))
             if record != "none":
                 logits = scored(fast, loop.steps)
         statistics: tuple[Tensor, ...] = ()
@@ -391,12 +391,12 @@ def make_task_fn(
         moments = {"m": state["m"], "v": state["v"]} if initial_state is not None and state else {}
         if record == "none":
             return TaskOutcome(support_x.new_zeros(()), support_x.new_zeros(0), weights_out, support_x.new_zeros(0), statistics, moments)
-        accs.append(accuracy(logits.detach(), query_y))
+        scores.append(kind.score(logits.detach(), query_y))
         kept.append(logits.detach())
-        loss = F.cross_entropy(logits, query_y)
+        loss = kind.loss(logits, query_y)
         if loss_weights is not None:
             loss = sum(weighted, loss_weights[-1] * loss)
-        return TaskOutcome(loss, torch.stack(accs), weights_out, torch.stack(kept) if keep_logits else support_x.new_zeros(0), statistics, moments)
+        return TaskOutcome(loss, torch.stack(scores), weights_out, torch.stack(kept) if keep_logits else support_x.new_zeros(0), statistics, moments)
 
     return run
 
@@ -406,7 +406,7 @@ def stack_outcomes(outcomes: Sequence[TaskOutcome]) -> TaskOutcome:
     first = outcomes[0]
     return TaskOutcome(
         torch.stack([o.loss for o in outcomes]),
-        torch.stack([o.accs for o in outcomes]),
+        torch.stack([o.scores for o in outcomes]),
         {k: torch.stack([o.params[k] for o in outcomes]) for k in first.params},
         torch.stack([o.logits for o in outcomes]),
         tuple(torch.stack(column) for column in zip(*(o.batch_statistics for o in outcomes))),

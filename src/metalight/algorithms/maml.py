@@ -20,7 +20,7 @@ class MAML(EpisodicModule):
     """Model-agnostic meta-learning; first_order=True is FOMAML (inner gradients treated as constants).
 
     Each task takes `inner_steps` SGD steps of size `inner_lr` on its whole support set; the outer
-    loss is the mean query cross-entropy over the meta-batch. Second order, the meta-gradient goes
+    loss is the mean query loss over the meta-batch (cross-entropy, or the task kind's: MSE for regression). Second order, the meta-gradient goes
     through the inner steps exactly. Validation and test adapt with `eval_inner_steps` steps of
     `eval_inner_lr` (default: inner_lr). The outer optimizer defaults to Adam(lr=1e-3).
     """
@@ -64,5 +64,7 @@ class MAML(EpisodicModule):
         params, fixed = split_state(self.model)
         loop = self.current_train_loop()
         options = self.inner_options(training=True)
-        task_fn = make_task_fn(self.model, fixed, loop, self.path(), record="ends" if measure else "last", loss_weights=self.loss_weights(), **options)
+        task_fn = make_task_fn(
+            self.model, fixed, loop, self.path(), record="ends" if measure else "last", loss_weights=self.loss_weights(), kind=self.task_kind, **options
+        )
         return self.meta_backward(task_fn, params, batch, second_order=not loop.first_order, extra=options.get("step_sizes"))

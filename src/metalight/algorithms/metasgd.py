@@ -22,8 +22,10 @@ class MetaSGD(MAML):
     """
 
     def __init__(self, model: nn.Module, inner_lr_range: Sequence[float] | None = None, **maml_options: Any) -> None:
+        # a plain list before MAML saves the hyper-parameters (a ListConfig cannot be loaded with weights_only=True)
+        inner_lr_range = None if inner_lr_range is None else [float(bound) for bound in inner_lr_range]
         super().__init__(model, **maml_options)
-        init_range = None if inner_lr_range is None else [float(bound) for bound in inner_lr_range]
+        init_range = inner_lr_range
         self.step_sizes = LearnedStepSizes(split_state(model)[0], self.hparams.inner_lr, init_range=init_range)
         self.train_loop = dataclasses.replace(self.train_loop, learned_lr="per_parameter")
         self.eval_loop = dataclasses.replace(self.eval_loop, learned_lr="per_parameter")

@@ -11,7 +11,8 @@ from torch.func import functional_call
 
 from metalight.algorithms.base import EpisodicModule, OptimizerFactory, SchedulerFactory, outcome_of_logits, require_features_and_head
 from metalight.algorithms.finetune import finetune_and_score
-from metalight.algorithms.functional import Params, TaskOutcome, accuracy, run_tasks, split_state
+from metalight.algorithms.functional import Params, TaskOutcome, run_tasks, split_state
+from metalight.tasks.kinds import accuracy
 from metalight.algorithms.reptile import task_generator
 from metalight.errors import ConfigError
 
@@ -41,6 +42,8 @@ class ProtoNet(EpisodicModule):
     finetune_steps > 0 fine-tunes the body on each val/test task's support set before the prototypes are
     taken (Hu et al. 2022, P>M>F; finetune.py), with the query accuracy after every step.
     """
+
+    task_kinds = ("classification",)  # prototypes are class means
 
     def __init__(
         self,
@@ -106,7 +109,7 @@ class ProtoNet(EpisodicModule):
         return self.meta_backward(self.task_fn(self.n_way_of(batch)), params, batch, second_order=False)
 
     def evaluate_tasks(self, batch: dict[str, Tensor], stream: str, task_ids: list[int], keep_logits: bool = False) -> TaskOutcome:
-        """Query accuracy of each task from its prototypes: accs [B, 1], or [B, finetune_steps + 1] when fine-tuning."""
+        """Query accuracy of each task from its prototypes: scores [B, 1], or [B, finetune_steps + 1] when fine-tuning."""
         if self.finetune_steps:
             return self.finetuned_tasks(batch, stream, task_ids, keep_logits)
         params, _ = split_state(self.model)

@@ -162,7 +162,7 @@ class Reptile(EpisodicModule):
             _, fixed = split_state(self.model)
 
             def task_fn_from(start: InnerState) -> Any:
-                return make_task_fn(self.model, fixed, loop, "loop", record=record, return_params=True, initial_state=start)
+                return make_task_fn(self.model, fixed, loop, "loop", record=record, return_params=True, initial_state=start, kind=self.task_kind)
 
             outcome, state = run_tasks_carrying_state(task_fn_from, theta, batch, indices, state, loop.steps)
         self.inner_optimizer_state = self._mean_over_ranks(state)

@@ -49,6 +49,8 @@ def restore_run_config(checkpoint_path: Path, eval_cfg: DictConfig, override_key
                 run_cfg[key] = eval_cfg[key]
             else:
                 OmegaConf.update(run_cfg, key, OmegaConf.select(eval_cfg, key), force_add=True)
+        if "monitor" not in run_cfg:  # a run from before regression tasks: judged by val/acc
+            run_cfg.monitor = eval_cfg.monitor
         run_cfg.task_name = eval_cfg.task_name
         run_cfg.ckpt_path = str(checkpoint_path)
     return run_cfg
@@ -78,6 +80,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     run_cfg = restore_run_config(checkpoint_path, cfg, _override_keys())
     objects = build(run_cfg)
     algorithm, trainer = objects["algorithm"], objects["trainer"]
+    metric = algorithm.metric
+    if metric != "acc" and (cfg.get("episodes") or top_k != 1):
+        raise ConfigError(f"episodes= and ensemble_top_k > 1 score classification runs; this run's tasks are scored by {metric}: drop them.")
     if cfg.get("episodes"):
         if top_k != 1 or trainer.world_size > 1:
             raise ConfigError(f"episodes={cfg.episodes} scores one checkpoint in one process: drop ensemble_top_k, set trainer.devices=1.")
@@ -105,8 +110,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         results["n_test_tasks"] = run_cfg.data.n_test_tasks
     write_text_atomically(out, json.dumps(results, indent=2))
     log.info(
-        "test accuracy %.4f ± %.4f (95%% CI, %d tasks)%s; saved %s",
-        results["acc"], results["acc_ci95"], results["n_tasks"],
-        f", before adaptation {results['acc_before']:.4f}" if "acc_before" in results else "", out,
+        "test %s %.4f ± %.4f (95%% CI, %d tasks)%s; saved %s",
+        "accuracy" if metric == "acc" else metric, results[metric], results[f"{metric}_ci95"], results["n_tasks"],
+        f", before adaptation {results[f'{metric}_before']:.4f}" if f"{metric}_before" in results else "", out,
     )
     return results

@@ -1,8 +1,11 @@
-"""FewShotLearner: a trained run applied to your own task: adapt to a few labelled images, then classify new ones.
+"""FewShotLearner: a trained run applied to your own task: adapt to a few labelled examples, then predict new ones.
 
     learner = FewShotLearner.load("logs/train/runs/<time>")     # a run folder, a .ckpt file, or "last"
     learner.adapt(support_images, support_labels)                # paths, PIL images or tensors; any hashable labels
     probs = learner.predict(query_images)                        # [n_queries, n_classes], columns in learner.classes order
+
+A regression run (data=sinusoid, ...) takes tensors: `learner.adapt(x, y)` with x [K, input_dim] (or [K])
+and y [K, output_dim] (or [K]), then `learner.predict(x_new)` gives the adapted predictions [n, output_dim].
 
 Images are read exactly as the run read its own (data/preprocess.py: size, channels, Omniglot's inversion,
 and the mean/std its checkpoint saved). Scoring goes through the algorithm's own `evaluate_tasks`, as
@@ -31,7 +34,7 @@ from metalight.runs.training import build_data_and_algorithm
 class FewShotLearner:
     """A trained meta-learner and its run's image format, as a classifier of classes given by a support set (module docstring)."""
 
-    def __init__(self, algorithm: EpisodicModule, image_format: ImageFormat, checkpoint: Path, config: DictConfig) -> None:
+    def __init__(self, algorithm: EpisodicModule, image_format: ImageFormat | None, checkpoint: Path, config: DictConfig) -> None:
         self.algorithm, self.image_format, self.checkpoint, self.config = algorithm, image_format, checkpoint, config
         self.classes: list[Hashable] = []
         self._support: tuple[Tensor, Tensor] | None = None
@@ -44,8 +47,13 @@ class FewShotLearner:
         config = saved_run_config(path)
         datamodule, algorithm = build_data_and_algorithm(config)
         load_weights(algorithm, checkpoint, path)
-        image_format = restore_image_format(datamodule, checkpoint, path)
+        image_format = restore_image_format(datamodule, checkpoint, path) if algorithm.task_kind.name == "classification" else None
         return cls(algorithm.to(device).eval(), image_format, path, config)
+
+    @property
+    def regresses(self) -> bool:
+        """Whether the run learned regression tasks (tensors in, predictions out) rather than classes of images."""
+        return self.algorithm.task_kind.name == "regression"
 
     @property
     def name(self) -> str:
@@ -57,8 +65,10 @@ class FewShotLearner:
         head = getattr(self.algorithm.model, "head", None)
         return head.out_features if isinstance(head, nn.Linear) else None
 
-    def adapt(self, images: Sequence[ImageInput], labels: Sequence[Hashable]) -> FewShotLearner:
+    def adapt(self, images: Sequence[ImageInput] | Tensor, labels: Sequence[Hashable] | Tensor) -> FewShotLearner:
         """Take the support set: images and their labels (class names or numbers), classes in order of first appearance.
+
+        For a regression run: inputs x [K, input_dim] and targets y [K, output_dim] (1-D tensors are one column).
 
         The adaptation itself runs with every predict() (so it sees the queries as evaluation does:
         BatchNorm's statistics are transductive unless algo.transductive=false). ConfigError when a
@@ -66,6 +76,9 @@ class FewShotLearner:
         """
         if len(images) != len(labels) or not len(images):
             raise ConfigError(f"adapt() got {len(images)} images and {len(labels)} labels: give one label per image, at least one image.")
+        if self.regresses:
+            self._support = (self._column_tensor(images, "data.input_dim", "x"), self._column_tensor(labels, "data.output_dim", "y"))
+            return self
         classes = list(dict.fromkeys(labels))
         ways = self.fixed_ways()
         if ways is not None and ways != len(classes):
@@ -78,6 +91,15 @@ class FewShotLearner:
         self._support = (self.image_format(images), torch.tensor([index[label] for label in labels]))
         return self
 
+    def _column_tensor(self, values: Tensor | Sequence[float], key: str, name: str) -> Tensor:
+        """Regression inputs or targets as float32 [n, width], width checked against the run's data.input_dim / output_dim."""
+        tensor = torch.as_tensor(values, dtype=torch.float32)
+        tensor = tensor.unsqueeze(-1) if tensor.dim() == 1 else tensor
+        width = self.config.data.get(key.split(".")[1])
+        if tensor.dim() != 2 or tensor.shape[1] != width:
+            raise ConfigError(f"{name} has shape {list(tensor.shape)} but this run's tasks have {key}={width}: give [n, {width}] (or [n] for 1).")
+        return tensor
+
     def logits(self, images: Sequence[ImageInput], task_id: int = 0) -> Tensor:
         """Query logits [n, n_classes] after adapting to the support set, from the algorithm's evaluate_tasks.
 
@@ -89,15 +111,20 @@ class FewShotLearner:
         if not len(images):
             raise ConfigError("predict() got no query images: give at least one.")
         support_x, support_y = self._support
-        query_x = self.image_format(images)
-        batch = task_batch(support_x, support_y, query_x, torch.zeros(len(query_x), dtype=torch.long))
+        if self.regresses:
+            query_x = self._column_tensor(images, "data.input_dim", "x")
+            batch = {"support_x": support_x[None], "support_y": support_y[None], "query_x": query_x[None], "query_y": query_x.new_zeros(1, len(query_x), support_y.shape[1])}
+        else:
+            query_x = self.image_format(images)
+            batch = task_batch(support_x, support_y, query_x, torch.zeros(len(query_x), dtype=torch.long))
         device = self.algorithm.device
         outcome = self.algorithm.evaluate_tasks({k: v.to(device) for k, v in batch.items()}, "test", [task_id], keep_logits=True)
         return outcome.logits[0, -1].cpu()
 
-    def predict(self, images: Sequence[ImageInput]) -> Tensor:
-        """Class probabilities [n, n_classes] of query images (softmax of logits()), columns in `classes` order."""
-        return self.logits(images).softmax(dim=-1)
+    def predict(self, images: Sequence[ImageInput] | Tensor) -> Tensor:
+        """Class probabilities [n, n_classes] of query images (softmax of logits()), columns in `classes` order; a regression run's predictions [n, output_dim]."""
+        outputs = self.logits(images)
+        return outputs if self.regresses else outputs.softmax(dim=-1)
 
     def embed(self, images: Sequence[ImageInput]) -> Tensor:
         """Embeddings [n, D] of images by the meta-trained body (model.features), for a model with a separable head."""

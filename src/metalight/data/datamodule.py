@@ -9,16 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from lightning.pytorch import LightningDataModule
 from omegaconf import OmegaConf
-from torch.utils.data import DataLoader, Sampler
 
 from metalight.data import cifar, cub, folder, miniimagenet, omniglot, tiered_imagenet
-from metalight.data.episodes import EpisodeDataset, EvalTaskSampler, TrainTaskSampler
+from metalight.data.episodes import EpisodeDataset
 from metalight.data.flat import TRAIN_MODES, LabelledImages
 from metalight.data.images import SplitImages, channel_stats
 from metalight.data.preprocess import Augment, ImageFormat, build_transforms, normalize
 from metalight.errors import ConfigError, DataError
+from metalight.tasks.datamodule import TaskDataModule
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +100,7 @@ class _TaskShape:
     k_query: tuple[str, int]
 
 
-class FewShotDataModule(LightningDataModule):
+class FewShotDataModule(TaskDataModule):
     """Meta-batches of few-shot tasks (uint8 on the host, normalized float32 on the device) for MAML-style training.
 
     Batches are dicts: support_x [B, N*K, C, H, W], support_y [B, N*K], query_x [B, N*Q, C, H, W],
@@ -153,7 +152,6 @@ class FewShotDataModule(LightningDataModule):
         within_alphabet: bool = False,
         train_augment: Sequence | None = None,
     ) -> None:
-        super().__init__()
         if dataset not in DATASETS:
             raise ConfigError(f"data.dataset={dataset!r} is not known: use one of {', '.join(DATASETS)}.")
         spec = DATASETS[dataset]
@@ -191,6 +189,10 @@ class FewShotDataModule(LightningDataModule):
             raise ConfigError(
                 f"data.download=true is not supported for {dataset}: place it under {root} (see README, Data)."
             )
+        super().__init__(
+            meta_batch_size, eval_batch_size, batches_per_epoch, n_val_tasks, n_test_tasks, seed, eval_seed,
+            num_workers, pin_memory, persistent_workers,
+        )
         self.dataset, self.root, self.split, self.image_size = dataset, Path(root), split, image_size
         self.n_way, self.k_shot, self.k_query = n_way, k_shot, k_query
         self.n_way_train = n_way if n_way_train is None else n_way_train
@@ -202,12 +204,9 @@ class FewShotDataModule(LightningDataModule):
             ),
             "eval": _TaskShape(("n_way", n_way), ("k_shot", k_shot), ("k_query", k_query)),
         }
-        self.meta_batch_size, self.eval_batch_size = meta_batch_size, eval_batch_size
-        self.batches_per_epoch, self.within_alphabet = batches_per_epoch, within_alphabet
-        self.n_val_tasks, self.n_test_tasks, self.seed, self.eval_seed = n_val_tasks, n_test_tasks, seed, eval_seed
+        self.within_alphabet = within_alphabet
         self.mean, self.std, self.channels = mean, std, n_channels
         self.small_classes, self.source = small_classes, source
-        self.num_workers, self.pin_memory, self.persistent_workers = num_workers, pin_memory, persistent_workers
         self.cache_dir, self.download = Path(cache_dir), download
         self.train_mode, self.batch_size = train_mode, batch_size
         transforms = build_transforms(train_augment) if train_augment is not None else []
@@ -215,7 +214,6 @@ class FewShotDataModule(LightningDataModule):
         self.images_per_class = self.max_images_per_class = 0
         self.train_classes = self.val_classes = self.test_classes = 0
         self._spec = spec
-        self._datasets: dict[str, EpisodeDataset | LabelledImages] = {}
 
     def _load(self) -> dict[str, SplitImages]:
         """All three splits, building their caches (and downloading, where allowed) when needed."""
@@ -334,64 +332,9 @@ class FewShotDataModule(LightningDataModule):
             )
         return groups
 
-    def _rank_world(self) -> tuple[int, int]:
-        """(global rank, world size) of the attached trainer, (0, 1) without one."""
-        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
-
-    def _trains_on_cuda(self) -> bool:
-        """Whether the attached trainer's device is a GPU (a CPU run on a machine with one pins nothing)."""
-        return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-
-    def _resume_position(self) -> tuple[int, int]:
-        """(epoch, first meta-step) where training continues: (0, 0), or where a restored trainer resumes.
-
-        Read when Lightning requests the train loader, after it restored the loops from a checkpoint but
-        before it resets them; with workers the first batches are prefetched right then, so the position
-        must already be the one Lightning will run. Checked against Lightning 2.6 for checkpoints saved on
-        train-batch end (mid-epoch and on an epoch's last batch), on train-epoch end and on validation end.
-        """
-        if self.trainer is None:
-            return 0, 0
-        loop = self.trainer.fit_loop
-        epoch, batches = loop.epoch_progress.current.processed, loop.epoch_loop.batch_progress
-        if not loop.restarting:  # fresh start, or a checkpoint taken after the epoch was counted as processed
-            return epoch, 0
-        if batches.is_last_batch:  # saved after the last batch of `epoch`: Lightning goes on with the next one
-            return epoch + 1, 0
-        return epoch, batches.current.processed
-
-    def _loader(self, part: str, sampler: Sampler) -> DataLoader:
-        """A DataLoader whose sampler yields whole meta-batches of task keys (hence batch_size=None)."""
-        if not self._datasets:
-            raise RuntimeError("call setup() before requesting a dataloader")
-        return DataLoader(
-            self._datasets[part],
-            sampler=sampler,
-            batch_size=None,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory and self._trains_on_cuda(),  # pinning only helps a copy to the GPU
-            persistent_workers=self.persistent_workers and self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        """This rank's share of batches_per_epoch meta-batches of training tasks (or image batches), for the current epoch."""
-        rank, world = self._rank_world()
-        key, per_step = ("batch_size", self.batch_size) if self.train_mode == "flat" else ("meta_batch_size", self.meta_batch_size)
-        if per_step % world:
-            raise ConfigError(
-                f"data.{key}={per_step} does not split evenly over {world} processes: choose a multiple of {world}."
-            )
-        epoch, start = self._resume_position()
-        sampler = TrainTaskSampler(per_step, self.batches_per_epoch, rank, world, epoch, start)
-        return self._loader("train", sampler)
-
-    def val_dataloader(self) -> DataLoader:
-        """This rank's part of the fixed n_val_tasks validation tasks."""
-        return self._loader("val", EvalTaskSampler(self.n_val_tasks, self.eval_batch_size, *self._rank_world()))
-
-    def test_dataloader(self) -> DataLoader:
-        """This rank's part of the fixed n_test_tasks test tasks."""
-        return self._loader("test", EvalTaskSampler(self.n_test_tasks, self.eval_batch_size, *self._rank_world()))
+    def train_batch(self) -> tuple[str, int]:
+        """Flat training (algo=baseline) steps on data.batch_size images, episodic training on data.meta_batch_size tasks."""
+        return ("batch_size", self.batch_size) if self.train_mode == "flat" else ("meta_batch_size", self.meta_batch_size)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images [..., C, H, W] -> float32 (x / 255 - mean) / std per channel, on their device."""

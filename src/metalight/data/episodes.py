@@ -1,4 +1,4 @@
-"""Few-shot tasks drawn deterministically from a uint8 split, and the samplers that shard them over ranks.
+"""Few-shot image tasks drawn deterministically from a uint8 split (tasks/samplers.py shards them over ranks).
 
 Task `index` of `epoch` is a pure function of (seed, split, epoch, index): its random generator is
 numpy's default (PCG64) seeded with the SeedSequence of those four integers, so any process can draw
@@ -11,7 +11,7 @@ uniform key per (way, position) over the largest class of the split, keys past a
 to +inf, and the k_shot + k_query smallest kept: when every class has the same count this is exactly
 the draw of a dense [classes, per_class] split (Omniglot's and miniImageNet's tasks did not change).
 
-The DataLoader gets one of the samplers here as `sampler` with `batch_size=None`: each item the
+The DataLoader gets one of the samplers of tasks/samplers.py as `sampler` with `batch_size=None`: each item the
 sampler yields is a whole meta-batch, a list of (epoch, index) keys, and EpisodeDataset turns it into
 stacked tensors with two advanced-indexing gathers. The epoch travels inside the keys, so worker
 processes (persistent or not) need no epoch state of their own; Lightning calls `set_epoch` on
@@ -23,18 +23,17 @@ With data.train_augment the training tasks' images are augmented (preprocess.Aug
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 from metalight.data.preprocess import Augment
+from metalight.tasks.samplers import Key
 
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
-
-Key = tuple[int, int]
 
 
 class EpisodeDataset(Dataset):
@@ -138,55 +137,3 @@ class EpisodeDataset(Dataset):
             path, shape = state["images"]
             state["images"] = np.load(path, mmap_mode="r").reshape(shape)
         self.__dict__.update(state)
-
-
-class TrainTaskSampler(Sampler[list[Key]]):
-    """This rank's share of each meta-step of an epoch: step g holds tasks [g*B, (g+1)*B), rank r the r-th slice.
-
-    `start` skips the first meta-steps of the epoch it was built for (resuming mid-epoch); later epochs,
-    set with set_epoch, start at 0. len() is always `batches_per_epoch`, the count Lightning expects.
-    """
-
-    def __init__(
-        self,
-        meta_batch_size: int,
-        batches_per_epoch: int,
-        rank: int = 0,
-        world_size: int = 1,
-        epoch: int = 0,
-        start: int = 0,
-    ) -> None:
-        if meta_batch_size % world_size:
-            raise ValueError(f"meta_batch_size={meta_batch_size} is not a multiple of world_size={world_size}")
-        self.share = meta_batch_size // world_size
-        self.meta_batch_size, self.batches_per_epoch = meta_batch_size, batches_per_epoch
-        self.rank, self.epoch, self.start = rank, epoch, start
-
-    def set_epoch(self, epoch: int) -> None:
-        """Draw the tasks of `epoch` from now on (called by Lightning at each epoch start)."""
-        if epoch != self.epoch:
-            self.epoch, self.start = epoch, 0
-
-    def __iter__(self) -> Iterator[list[Key]]:
-        epoch = self.epoch
-        for step in range(self.start, self.batches_per_epoch):
-            first = step * self.meta_batch_size + self.rank * self.share
-            yield [(epoch, i) for i in range(first, first + self.share)]
-
-    def __len__(self) -> int:
-        return self.batches_per_epoch
-
-
-class EvalTaskSampler(Sampler[list[Key]]):
-    """The fixed tasks 0..n_tasks-1 of this rank (index ≡ rank mod world_size), in chunks of batch_size."""
-
-    def __init__(self, n_tasks: int, batch_size: int, rank: int = 0, world_size: int = 1) -> None:
-        self.indices = list(range(rank, n_tasks, world_size))
-        self.batch_size = batch_size
-
-    def __iter__(self) -> Iterator[list[Key]]:
-        for first in range(0, len(self.indices), self.batch_size):
-            yield [(0, i) for i in self.indices[first : first + self.batch_size]]
-
-    def __len__(self) -> int:
-        return -(-len(self.indices) // self.batch_size)

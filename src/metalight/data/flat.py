@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from metalight.data.episodes import Key
+from metalight.tasks.samplers import Key
 from metalight.data.preprocess import Augment
 
 FLAT_CODE = 3  # beside episodes.SPLIT_CODES (train 0, val 1, test 2): the flat stream's own generators

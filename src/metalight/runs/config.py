@@ -67,7 +67,27 @@ def validate_config(cfg: DictConfig) -> None:
             f"(trainer.devices x trainer.num_nodes): choose a multiple of {world}."
         )
     _check_epoch_schedules(cfg)
+    _check_task_kind(cfg)
     _check_train_mode(cfg)
+
+
+def _target_class(cfg: DictConfig, group: str) -> type | None:
+    """The class `<group>._target_` names, or None when it names none or cannot be imported (instantiating it says why)."""
+    target = _value(cfg, f"{group}._target_")
+    try:
+        return get_class(target) if isinstance(target, str) else None
+    except ImportError:
+        return None
+
+
+def _check_task_kind(cfg: DictConfig) -> None:
+    """The learner must take the data's kind of task (ProtoNets and Baseline classify; regression needs a gradient-based learner)."""
+    algorithm, data = _target_class(cfg, "algo"), _target_class(cfg, "data")
+    kind = getattr(data, "kind", None)
+    if algorithm is not None and hasattr(algorithm, "check_task_kind") and kind is not None:
+        algorithm.check_task_kind(kind)
+    if kind is not None and kind.name == "regression" and OmegaConf.is_missing(cfg.data, "family"):
+        raise ConfigError("data.family is not set: give data.family=<package.module.function> (README, Regression), or use data=sinusoid.")
 
 
 def _check_train_mode(cfg: DictConfig) -> None:

@@ -30,18 +30,23 @@ log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
 STATUS_FILE = "job_status.json"
-COLUMNS = ("job", "status", "overrides", "best_val_acc", "test_acc", "test_acc_ci95", "global_step", "wall_time_s", "error")
 
 
-def run_results(trainer: pl.Trainer, metrics: dict[str, float]) -> dict[str, Any]:
-    """The numbers a sweep compares a run by: best and last validation accuracy, test accuracy with its 95% CI."""
+def columns(metric: str = "acc") -> tuple[str, ...]:
+    """The summary's columns for runs scored by `metric` (acc for classification, mse for regression)."""
+    return ("job", "status", "overrides", f"best_val_{metric}", f"test_{metric}", f"test_{metric}_ci95", "global_step", "wall_time_s", "error")
+
+
+def run_results(trainer: pl.Trainer, metrics: dict[str, float], metric: str = "acc") -> dict[str, Any]:
+    """The numbers a sweep compares a run by: best and last validation `metric`, test `metric` with its 95% CI."""
     checkpoint = trainer.checkpoint_callback
     best_score = getattr(checkpoint, "best_model_score", None)
     return {
-        "best_val_acc": float(best_score) if best_score is not None else metrics.get("val/acc"),
-        "val_acc": metrics.get("val/acc"),
-        "test_acc": metrics.get("test/acc"),
-        "test_acc_ci95": metrics.get("test/acc_ci95"),
+        "metric": metric,
+        f"best_val_{metric}": float(best_score) if best_score is not None else metrics.get(f"val/{metric}"),
+        f"val_{metric}": metrics.get(f"val/{metric}"),
+        f"test_{metric}": metrics.get(f"test/{metric}"),
+        f"test_{metric}_ci95": metrics.get(f"test/{metric}_ci95"),
         "global_step": trainer.global_step,
         "best_checkpoint": getattr(checkpoint, "best_model_path", "") or None,
     }
@@ -73,13 +78,14 @@ def _job_row(job_dir: Path) -> dict[str, Any]:
     """One summary line for the job whose output folder is `job_dir`."""
     overrides = OmegaConf.load(job_dir / ".hydra" / "overrides.yaml")
     results, status = _read_json(job_dir / RESULTS_FILE), _read_json(job_dir / STATUS_FILE)
+    metric = results.get("metric", "acc")
     return {
         "job": job_dir.name,
         "status": status.get("status") or ("completed" if results else "no result"),
         "overrides": [str(item) for item in overrides],
-        "best_val_acc": results.get("best_val_acc"),
-        "test_acc": results.get("test_acc"),
-        "test_acc_ci95": results.get("test_acc_ci95"),
+        f"best_val_{metric}": results.get(f"best_val_{metric}"),
+        f"test_{metric}": results.get(f"test_{metric}"),
+        f"test_{metric}_ci95": results.get(f"test_{metric}_ci95"),
         "global_step": results.get("global_step"),
         "wall_time_s": results.get("wall_time_s"),
         "error": status.get("error"),
@@ -112,15 +118,24 @@ def _duration(seconds: float | None) -> str:
     return f"{minutes} min {rest:02d} s" if minutes else f"{rest} s"
 
 
+def _metric_of(row: dict[str, Any]) -> str:
+    """The metric a summary row is scored by (the m of its best_val_m column)."""
+    return next(key[len("best_val_") :] for key in row if key.startswith("best_val_"))
+
+
 def _markdown(rows: list[dict[str, Any]], common: list[str]) -> str:
-    """The summary as a Markdown table (test accuracy as mean ± 95% CI) under the overrides all jobs share."""
+    """The summary as a Markdown table (test metric as mean ± 95% CI) under the overrides all jobs share."""
     lines = [f"Overrides of every job: `{' '.join(common)}`", ""] if common else []
-    lines += ["| job | status | overrides | best val acc | test acc ± 95% CI | step | wall time | error |", "|---|---|---|---|---|---|---|---|"]
+    metrics = sorted({_metric_of(row) for row in rows})
+    name = metrics[0] if len(metrics) == 1 else "(metric)"
+    lines += [f"| job | status | overrides | best val {name} | test {name} ± 95% CI | step | wall time | error |", "|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        test = _cell(row["test_acc"])
-        if test and row["test_acc_ci95"] is not None:
-            test += f" ± {row['test_acc_ci95']:.4f}"
-        cells = [row["job"], row["status"], f"`{row['overrides']}`" if row["overrides"] else "", _cell(row["best_val_acc"]),
+        metric = _metric_of(row)
+        test = _cell(row[f"test_{metric}"])
+        if test and row[f"test_{metric}_ci95"] is not None:
+            test += f" ± {row[f'test_{metric}_ci95']:.4f}"
+        best = _cell(row[f"best_val_{metric}"]) + (f" ({metric})" if len(metrics) > 1 and row[f"best_val_{metric}"] is not None else "")
+        cells = [row["job"], row["status"], f"`{row['overrides']}`" if row["overrides"] else "", best,
                  test, _cell(row["global_step"]), _duration(row["wall_time_s"]), _cell(row["error"])]
         lines.append("| " + " | ".join(cell.replace("|", "\\|").replace("\n", " ") for cell in cells) + " |")
     return "\n".join(lines) + "\n"
@@ -131,7 +146,8 @@ def write_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
     sweep_dir = Path(sweep_dir)
     rows, common = summarize(sweep_dir)
     table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=COLUMNS)
+    fields = list(dict.fromkeys(key for metric in sorted({_metric_of(row) for row in rows}) or ["acc"] for key in columns(metric)))
+    writer = csv.DictWriter(table, fieldnames=fields)
     writer.writeheader()
     writer.writerows({key: "" if value is None else value for key, value in row.items()} for row in rows)
     write_text_atomically(sweep_dir / "summary.csv", table.getvalue())

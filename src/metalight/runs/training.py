@@ -52,6 +52,14 @@ def build_data_and_algorithm(cfg: DictConfig) -> tuple[pl.LightningDataModule, p
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = _instantiate(cfg.data, "data", _recursive_=False)  # it builds data.train_augment itself, naming a bad entry
     algorithm = _instantiate(cfg.algo, "algo", model=_instantiate(cfg.model, "model"))
+    algorithm.use_task_kind(datamodule.kind)  # the task interface: the data's loss and metric, or a clear refusal
+    monitored = OmegaConf.select(cfg, "monitor.metric")
+    if monitored is not None and monitored != algorithm.metric:
+        raise ConfigError(
+            f"monitor.metric={monitored} but {datamodule.kind.name} tasks are scored by {algorithm.metric}: set "
+            f"monitor.metric={algorithm.metric} monitor.mode={'max' if datamodule.kind.higher_is_better else 'min'} "
+            "(the data configs of each kind set both)."
+        )
     return datamodule, algorithm
 
 
@@ -90,10 +98,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             log.warning("No best checkpoint was saved: testing the weights in memory.")
         trainer.test(algorithm, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         metrics.update(_metrics(trainer))
-    results = run_results(trainer, metrics) | {"wall_time_s": round(time.perf_counter() - started, 1)}
+    metric = algorithm.metric
+    results = run_results(trainer, metrics, metric) | {"wall_time_s": round(time.perf_counter() - started, 1)}
     record_results(trainer, cfg.paths.output_dir, results)
-    if results["best_val_acc"] is not None:
-        metrics["val/acc_best"] = results["best_val_acc"]  # what hparams_search/* optimizes
+    if results[f"best_val_{metric}"] is not None:
+        metrics[f"val/{metric}_best"] = results[f"best_val_{metric}"]  # what hparams_search/* optimizes
     if trainer.is_global_zero:
         log.info("Run folder: %s (TensorBoard: tensorboard --logdir %s)", cfg.paths.output_dir, cfg.paths.log_dir)
     return metrics, objects

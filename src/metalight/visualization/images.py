@@ -1,4 +1,4 @@
-"""What a researcher looks at: task image grids, predictions before/after adaptation, TensorBoard views, event-file reading.
+"""Image tasks as pictures: task image grids, predictions before/after adaptation, and the validation task in TensorBoard.
 
 * `task_grid` draws one task as an image, a row per class: its support images, a gap, its query
   images; a query image's outer frame says whether the meta-parameters classify it correctly (before
@@ -6,26 +6,22 @@
   puts it on a matplotlib Axes with labelled rows (notebooks; matplotlib itself is not imported here).
 * `query_predictions` adapts tasks exactly as validation and test do and returns the predicted query
   labels before and after.
-* Callbacks: `ValidationTaskImage` logs that picture of validation task 0 at every validation;
-  `AccuracyCharts` groups accuracy per inner step into one chart of TensorBoard's Custom Scalars tab.
-* `read_scalars` / `inner_step_accuracy` read a run's TensorBoard event files into plain dicts (notebooks).
+* `ValidationTaskImage` logs that picture of validation task 0 at every validation (image classification only).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 from torchvision.utils import make_grid
 
 from metalight.algorithms.base import EpisodicModule
+from metalight.visualization.charts import tensorboard_writer
 
 Task = dict[str, Tensor]
 
@@ -137,21 +133,14 @@ def query_predictions(algorithm: EpisodicModule, batch: Task, stream: str = "val
     return (predicted[:, 0] if algorithm.adapts else None), predicted[:, -1]
 
 
-def _tensorboard(trainer: pl.Trainer) -> Any:
-    """The SummaryWriter of the trainer's TensorBoardLogger, or None when it logs elsewhere (or not at all)."""
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            return logger.experiment
-    return None
-
-
 class ValidationTaskImage(Callback):
     """At every validation, log validation task 0 as an image (`val_task/episode`) with its predictions before/after adaptation.
 
     The task is the first one of the first validation batch on rank 0, which is the fixed validation task
     0 (data.eval_seed), so the pictures of successive validations differ only by the predictions. It is
     adapted once more for the picture (one task: cheap beside the validation itself). Needs a
-    TensorBoardLogger (logger=tensorboard); without one it does nothing.
+    TensorBoardLogger (logger=tensorboard); without one, or for tasks that are not image classification
+    (regression has RegressionFits), it does nothing.
     """
 
     def __init__(self) -> None:
@@ -159,13 +148,14 @@ class ValidationTaskImage(Callback):
 
     def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         """Keep task 0 of the first batch (already on the device and normalized)."""
-        if batch_idx == 0 and trainer.is_global_zero and not trainer.sanity_checking:
+        images = getattr(pl_module, "metric", None) == "acc" and getattr(batch.get("support_x"), "dim", lambda: 0)() == 5
+        if batch_idx == 0 and images and trainer.is_global_zero and not trainer.sanity_checking:
             self._task = {k: v[:1].detach().clone() for k, v in batch.items()}
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Adapt the kept task, draw it, and add the image and its legend to TensorBoard."""
         task, self._task = self._task, None
-        writer = _tensorboard(trainer) if task is not None else None
+        writer = tensorboard_writer(trainer) if task is not None else None
         if writer is None:
             return
         before, after = query_predictions(pl_module, task, stream="val", task_ids=[0])
@@ -182,55 +172,3 @@ class ValidationTaskImage(Callback):
         else:
             summary = f"{LEGEND}\n\nQuery accuracy before adaptation {float((before[0] == query_y).float().mean()):.3f}, after {after_score:.3f}."
         writer.add_text("val_task/legend", summary, global_step=step)
-
-
-class AccuracyCharts(Callback):
-    """Lay out TensorBoard's Custom Scalars tab: accuracy per inner step (one line per step) and before vs after adaptation."""
-
-    LAYOUT = {
-        "accuracy": {
-            "val: accuracy per inner step (acc_step0 = before adaptation)": ["Multiline", [r"^val/acc_step\d+$"]],
-            "test: accuracy per inner step": ["Multiline", [r"^test/acc_step\d+$"]],
-            "before vs after adaptation": ["Multiline", [r"^(train|val|test)/acc(_before)?$"]],
-        }
-    }
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Write the layout into the run's event file (rank 0, TensorBoardLogger only)."""
-        writer = _tensorboard(trainer) if trainer.is_global_zero else None
-        if writer is not None:
-            writer.add_custom_scalars(self.LAYOUT)
-
-
-def _event_folder(run_dir: str | Path) -> Path:
-    """The one folder of `run_dir` (or below it) holding TensorBoard event files."""
-    folders = sorted({path.parent for path in Path(run_dir).rglob("events.out.tfevents.*")})
-    if not folders:
-        raise FileNotFoundError(
-            f"no TensorBoard event files under {run_dir}: pass a run folder (logs/train/runs/<time>/) of a run "
-            "made with logger=tensorboard."
-        )
-    if len(folders) > 1:
-        raise ValueError(f"{run_dir} holds the event files of several runs ({', '.join(map(str, folders))}): pass one of them.")
-    return folders[0]
-
-
-def read_scalars(run_dir: str | Path) -> dict[str, dict[str, list]]:
-    """Every scalar series of a run as {tag: {"step": [...], "value": [...]}}, by step (a re-logged step keeps its last value)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # here: training never reads events
-
-    events = EventAccumulator(str(_event_folder(run_dir)), size_guidance={"scalars": 0})
-    events.Reload()
-    series = {}
-    for tag in events.Tags()["scalars"]:
-        by_step = {event.step: event.value for event in events.Scalars(tag)}
-        steps = sorted(by_step)
-        series[tag] = {"step": steps, "value": [by_step[s] for s in steps]}
-    return series
-
-
-def inner_step_accuracy(scalars: dict[str, dict[str, list]], stage: str = "val") -> list[float]:
-    """Accuracy after 0, 1, ... inner steps (`<stage>/acc_step<k>`) at the last evaluation of a run; [] if none."""
-    pattern = re.compile(rf"^{re.escape(stage)}/acc_step(\d+)$")
-    found = {int(m.group(1)): scalars[tag]["value"][-1] for tag in scalars if (m := pattern.match(tag))}
-    return [found[k] for k in sorted(found)]

@@ -1,0 +1,11 @@
+"""What a task is, whatever the data: the task interface (kinds: loss and metric), rank-sharded task streams, regression families.
+
+Image classification (metalight.data) and few-shot regression (RegressionDataModule) both build on it.
+"""
+
+from metalight.tasks.datamodule import TaskDataModule
+from metalight.tasks.families import RegressionTask
+from metalight.tasks.kinds import CLASSIFICATION, REGRESSION, TaskKind
+from metalight.tasks.regression import RegressionDataModule
+
+__all__ = ["CLASSIFICATION", "REGRESSION", "RegressionDataModule", "RegressionTask", "TaskDataModule", "TaskKind"]
