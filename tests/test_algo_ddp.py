@@ -29,10 +29,20 @@ ALGORITHMS = ("maml_loop", "maml_vmap", "reptile_fresh", "anil_loop", "metasgd_l
 # Reptile's persistent inner Adam: each rank carries it through its own tasks, then the ranks average it,
 # so two processes are compared with reference_reptile(shares=2), not with one process
 PER_RANK_RULE = ("reptile_persistent",)
+ALGORITHMS += ("matchingnet_loop", "relationnet_loop")  # the metric-based learners of #24 (Matching Networks with FCE)
 
 
 def build(name: str):
     """The algorithm under test, identically initialized in every process."""
+    if name.startswith(("matchingnet", "relationnet")):
+        from metalight.algorithms import MatchingNet, RelationNet
+        from metalight.models.conv4_relation import Conv4Relation
+
+        if name.startswith("matchingnet"):
+            return MatchingNet(tiny_conv4(seed=0, dtype=torch.float64), fce=True, task_parallel=name.partition("_")[2])
+        torch.manual_seed(0)  # 8x8 images, one pool: 4x4 maps
+        spatial = Conv4Relation(1, 3, hidden=4, image_size=8, padding=[1, 1, 1, 1], pool=[True, False, False, False]).to(torch.float64)
+        return RelationNet(spatial, relation_channels=4, task_parallel=name.partition("_")[2])
     model = tiny_conv4(seed=0, dtype=torch.float64)
     kind, _, path = name.partition("_")  # loop: per-task gradients + surrogate backward; vmap: the GPU path
     inner = dict(inner_lr=0.3, inner_steps=2, eval_inner_steps=2, task_parallel=path)

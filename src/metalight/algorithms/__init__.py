@@ -9,8 +9,10 @@ from metalight.algorithms.base import EpisodicModule, NonFiniteMetaStepError
 from metalight.algorithms.baseline import Baseline
 from metalight.algorithms.maml import MAML
 from metalight.algorithms.mamlpp import MAMLpp
+from metalight.algorithms.matchingnet import MatchingNet
 from metalight.algorithms.metasgd import MetaSGD
 from metalight.algorithms.protonet import ProtoNet
+from metalight.algorithms.relationnet import RelationNet
 from metalight.algorithms.reptile import Reptile
 
-__all__ = ["ANIL", "MAML", "Baseline", "MAMLpp", "EpisodicModule", "MetaSGD", "NonFiniteMetaStepError", "ProtoNet", "Reptile"]
+__all__ = ["ANIL", "MAML", "Baseline", "MAMLpp", "EpisodicModule", "MatchingNet", "MetaSGD", "NonFiniteMetaStepError", "ProtoNet", "RelationNet", "Reptile"]
