@@ -12,10 +12,11 @@ from metalight.errors import ConfigError
 from metalight.runs.training import build, train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-ALGOS = sorted(p.stem for p in (CONF / "algo").glob("*.yaml"))
-# image data sets and the image networks; the regression families and model=mlp: test_regression.py
+# image data sets, the image networks and the learners that take images; the regression families, model=mlp:
+# test_regression.py; algo=cnp and its model=cnp (regression only): test_algo_cnp.py
+ALGOS = sorted(p.stem for p in (CONF / "algo").glob("*.yaml") if "metalight.algorithms.CNP" not in p.read_text())
 DATASETS = sorted(p.stem for p in (CONF / "data").glob("*.yaml") if "metalight.data.FewShotDataModule" in p.read_text())
-MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml") if "metalight.models.MLP" not in p.read_text())
+MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml") if not any(t in p.read_text() for t in ("metalight.models.MLP", "metalight.models.CNPNetwork")))
 _NODES: dict[tuple[str, str], dict] = {}
 # options built at test sizes: the one data set without a default location, and the large networks (the full
 # ResNet-12 and timm's resnet18, built once per algorithm and data set, would cost seconds)

@@ -7,6 +7,7 @@ metric-based: Prototypical Networks; pretrain-then-fit: Baseline, Baseline++ and
 from metalight.algorithms.anil import ANIL
 from metalight.algorithms.base import EpisodicModule, NonFiniteMetaStepError
 from metalight.algorithms.baseline import Baseline
+from metalight.algorithms.cnp import CNP
 from metalight.algorithms.maml import MAML
 from metalight.algorithms.mamlpp import MAMLpp
 from metalight.algorithms.matchingnet import MatchingNet
@@ -15,4 +16,4 @@ from metalight.algorithms.protonet import ProtoNet
 from metalight.algorithms.relationnet import RelationNet
 from metalight.algorithms.reptile import Reptile
 
-__all__ = ["ANIL", "MAML", "Baseline", "MAMLpp", "EpisodicModule", "MatchingNet", "MetaSGD", "NonFiniteMetaStepError", "ProtoNet", "RelationNet", "Reptile"]
+__all__ = ["ANIL", "CNP", "MAML", "Baseline", "MAMLpp", "EpisodicModule", "MatchingNet", "MetaSGD", "NonFiniteMetaStepError", "ProtoNet", "RelationNet", "Reptile"]

@@ -1,8 +1,9 @@
 """Networks the meta-learners adapt: any nn.Module works, these are the ones the configs name."""
 
+from metalight.models.cnp import CNPNetwork
 from metalight.models.conv4 import Conv4
 from metalight.models.mlp import MLP
 from metalight.models.resnet12 import ResNet12
 from metalight.models.timm_backbone import TimmBackbone
 
-__all__ = ["MLP", "Conv4", "ResNet12", "TimmBackbone"]
+__all__ = ["MLP", "CNPNetwork", "Conv4", "ResNet12", "TimmBackbone"]

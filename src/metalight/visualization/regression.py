@@ -48,8 +48,11 @@ def plot_fits(fits: dict[str, Tensor], grid: np.ndarray, steps: Sequence[int] = 
     for t, ax in enumerate(axes):
         ax.plot(grid[:, 0], fits["truth"][t, :, 0], color="black", linewidth=2, label="ground truth")
         for s in shown:
-            label = "before adaptation" if s == 0 else f"after {s} step{'s' if s > 1 else ''}"
-            ax.plot(grid[:, 0], fits["predictions"][t, s, :, 0], linestyle="--" if s == 0 else "-", label=label)
+            if last == 0:  # a learner without inner steps (algo=cnp): its one prediction
+                label, style = "prediction", "-"
+            else:
+                label, style = ("before adaptation", "--") if s == 0 else (f"after {s} step{'s' if s > 1 else ''}", "-")
+            ax.plot(grid[:, 0], fits["predictions"][t, s, :, 0], linestyle=style, label=label)
         ax.scatter(fits["support_x"][t, :, 0], fits["support_y"][t, :, 0], color="purple", marker="^", zorder=3, label="support points")
         ax.set_title(f"validation task {t}")
     axes[0].legend(fontsize="small")
