@@ -11,6 +11,9 @@ the raw meta-step (`"path": "lightning"`, `lightning_overhead` = extra time per 
 * Inputs are random tensors of the shapes of each case; the network is model=conv4 (64 filters on
   Omniglot, 32 on miniImageNet), or model=resnet12 (64-160-320-640) for a case named *_resnet12 (not
   run unless named in --cases: a meta-step takes minutes on one CPU thread); k_query is 15 as in conf/data/*.yaml.
+  sinusoid_10shot is Finn et al.'s regression (model=mlp 1-40-40-1, 10 support and 10 query points, meta-batch
+  25, alpha 0.01, the MSE loss everywhere: metalight's learners take it through the task interface, the
+  references call it where the image cases call cross-entropy); protonet has no regression row.
 * One meta-step = adapt every task, meta-gradient, outer step: Adam(lr=1e-3) over every meta-parameter
   (learned step sizes and MAML++'s per-step BatchNorm weights included), SGD(lr=1) for Reptile.
   metalight's step runs the algorithm's own code: its LightningModule, built with task_parallel = the
@@ -63,7 +66,8 @@ from torch import Tensor, nn
 from metalight.algorithms import ANIL, MAML, EpisodicModule, MAMLpp, MetaSGD, ProtoNet
 from metalight.algorithms.base import OptimizerFactory
 from metalight.algorithms.functional import InnerLoop, make_task_fn, run_tasks, split_state
-from metalight.models import Conv4, ResNet12
+from metalight.models import MLP, Conv4, ResNet12
+from metalight.tasks.kinds import CLASSIFICATION, REGRESSION
 
 Batch = dict[str, Tensor]
 
@@ -75,24 +79,42 @@ CASES = {
     # ResNet-12 (the filters field is unused): one task per meta-step, each costs minutes on one CPU thread
     "miniimagenet_5w1s_resnet12": (3, 84, 5, 1, 15, 1, 5, 0),
 }
+# name: (k_shot, k_query, meta_batch, inner steps, hidden width): Finn et al.'s sinusoid tasks on their 1-40-40-1 net
+REGRESSION_CASES = {"sinusoid_10shot": (10, 10, 25, 1, 40)}
 RESNET12_SUFFIX = "_resnet12"
-DEFAULT_CASES = [case for case in CASES if not case.endswith(RESNET12_SUFFIX)]
+DEFAULT_CASES = [case for case in CASES if not case.endswith(RESNET12_SUFFIX)] + list(REGRESSION_CASES)
 DEFAULT_ALGOS = ("maml", "fomaml", "reptile")
 ALGOS = (*DEFAULT_ALGOS, "anil", "metasgd", "mamlpp", "protonet")
 PATHS = ("vmap", "loop", "reference")
 # inner learning rates of the papers' configs (MAML Omniglot / miniImageNet; Reptile's Adam), for every
 # gradient-based learner: the rows of one case then differ only in the algorithm
-INNER_LR = {"omniglot": 0.4, "miniimagenet": 0.01, "reptile": 1e-3}
+INNER_LR = {"omniglot": 0.4, "miniimagenet": 0.01, "sinusoid": 0.01, "reptile": 1e-3}
 # the LightningModules of the learners with a gradient inner loop (MAML++'s CA schedule needs a trainer: off)
 LEARNERS = {"maml": MAML, "fomaml": MAML, "anil": ANIL, "metasgd": MetaSGD, "mamlpp": functools.partial(MAMLpp, ca=False)}
 ADAM = functools.partial(torch.optim.Adam, lr=1e-3)  # the outer optimizer of every algorithm but Reptile
 OUTER_SGD = functools.partial(torch.optim.SGD, lr=1.0)  # Reptile's: the step is then exactly theta - mean phi
 
 
+def task_loss_of(case: str) -> Callable[[Tensor, Tensor], Tensor]:
+    """The loss every path of `case` minimizes: cross-entropy on images, the MSE on regression tasks."""
+    return REGRESSION.loss if case in REGRESSION_CASES else F.cross_entropy
+
+
+def meta_batch_of(case: str) -> int:
+    """Tasks per meta-step of `case`."""
+    return REGRESSION_CASES[case][2] if case in REGRESSION_CASES else CASES[case][5]
+
+
 def make_case(name: str, device: torch.device) -> tuple[nn.Module, Batch]:
     """The network and one random meta-batch of case `name` (labels class-major, as the data contract says)."""
-    channels, size, n_way, k_shot, k_query, meta_batch, _, hidden = CASES[name]
     torch.manual_seed(0)
+    if name in REGRESSION_CASES:
+        k_shot, k_query, meta_batch, _, width = REGRESSION_CASES[name]
+        x = torch.rand(meta_batch, k_shot + k_query, 1) * 10 - 5
+        y = (torch.rand(meta_batch, 1, 1) * 4.9 + 0.1) * torch.sin(x - torch.rand(meta_batch, 1, 1) * torch.pi)
+        batch = {"support_x": x[:, :k_shot], "support_y": y[:, :k_shot], "query_x": x[:, k_shot:], "query_y": y[:, k_shot:]}
+        return MLP(1, 1, [width, width]).to(device), {k: v.to(device) for k, v in batch.items()}
+    channels, size, n_way, k_shot, k_query, meta_batch, _, hidden = CASES[name]
     if name.endswith(RESNET12_SUFFIX):
         model = ResNet12(channels, n_way, image_size=size).to(device)
     else:
@@ -108,7 +130,7 @@ def make_case(name: str, device: torch.device) -> tuple[nn.Module, Batch]:
 
 def inner_loop(algo: str, case: str) -> InnerLoop:
     """The training inner loop of `algo` on `case`: SGD of the case's LR (Reptile: Adam with beta1 = 0), whole support set."""
-    steps = CASES[case][6]
+    steps = REGRESSION_CASES[case][3] if case in REGRESSION_CASES else CASES[case][6]
     if algo == "reptile":
         return InnerLoop(steps=steps, lr=INNER_LR["reptile"], optimizer="adam")
     return InnerLoop(steps=steps, lr=INNER_LR[case.split("_")[0]], first_order=algo == "fomaml")
@@ -139,7 +161,10 @@ def build_algorithm(algo: str, case: str, path: str, model: nn.Module) -> Episod
     if algo == "protonet":
         return ProtoNet(model, task_parallel=path)
     loop = inner_loop(algo, case)
-    return LEARNERS[algo](model, inner_lr=loop.lr, inner_steps=loop.steps, first_order=loop.first_order, task_parallel=path)
+    algorithm = LEARNERS[algo](model, inner_lr=loop.lr, inner_steps=loop.steps, first_order=loop.first_order, task_parallel=path)
+    if case in REGRESSION_CASES:
+        algorithm.use_task_kind(REGRESSION)
+    return algorithm
 
 
 def metalight_step(algo: str, case: str, path: str, model: nn.Module) -> MetaStep:
@@ -155,7 +180,8 @@ def reptile_step(case: str, path: str, model: nn.Module) -> MetaStep:
     """Reptile's meta-step as Reptile.compute_meta_gradient takes it on one process (its own all-reduces through a trainer)."""
     loop = inner_loop("reptile", case)
     params, fixed = split_state(model)
-    task_fn = make_task_fn(model, fixed, loop, path, record="none", return_params=True)
+    kind = REGRESSION if case in REGRESSION_CASES else CLASSIFICATION
+    task_fn = make_task_fn(model, fixed, loop, path, record="none", return_params=True, kind=kind)
 
     def meta_gradient(batch: Batch) -> None:
         theta = {k: v.detach() for k, v in params.items()}
@@ -184,11 +210,11 @@ def set_parameter(module: nn.Module, name: str, value: Tensor) -> None:
     module._parameters[leaf] = value
 
 
-def inner_sgd(learner: nn.Module, x: Tensor, y: Tensor, loop: InnerLoop, lr: float | dict[str, Tensor]) -> None:
+def inner_sgd(learner: nn.Module, x: Tensor, y: Tensor, loop: InnerLoop, lr: float | dict[str, Tensor], loss: Callable = F.cross_entropy) -> None:
     """loop.steps SGD steps of a cloned module on (x, y): w - lr * g, lr one number or one tensor per weight (Meta-SGD)."""
     for _ in range(loop.steps):
         names, weights = zip(*learner.named_parameters())
-        grads = torch.autograd.grad(F.cross_entropy(learner(x), y), weights, create_graph=not loop.first_order)
+        grads = torch.autograd.grad(loss(learner(x), y), weights, create_graph=not loop.first_order)
         for name, weight, grad in zip(names, weights, grads):
             set_parameter(learner, name, weight - (lr[name] if isinstance(lr, dict) else lr) * grad)
 
@@ -204,13 +230,13 @@ def per_task(task_loss: Callable[[Batch], Tensor]) -> Callable[[Batch], None]:
     return meta_gradient
 
 
-def sgd_reference(model: nn.Module, loop: InnerLoop, step_sizes: dict[str, nn.Parameter] | None = None) -> MetaStep:
+def sgd_reference(model: nn.Module, loop: InnerLoop, step_sizes: dict[str, nn.Parameter] | None = None, loss: Callable = F.cross_entropy) -> MetaStep:
     """Per task: clone the model, adapt it with SGD (loop.lr, or learned per-weight step_sizes), query loss."""
 
     def task_loss(task: Batch) -> Tensor:
         learner = clone_module(model)
-        inner_sgd(learner, task["support_x"], task["support_y"], loop, loop.lr if step_sizes is None else step_sizes)
-        return F.cross_entropy(learner(task["query_x"]), task["query_y"])
+        inner_sgd(learner, task["support_x"], task["support_y"], loop, loop.lr if step_sizes is None else step_sizes, loss)
+        return loss(learner(task["query_x"]), task["query_y"])
 
     learned = {f"step_sizes.{name}": alpha for name, alpha in (step_sizes or {}).items()}
     return MetaStep({**dict(model.named_parameters()), **learned}, per_task(task_loss))
@@ -218,24 +244,24 @@ def sgd_reference(model: nn.Module, loop: InnerLoop, step_sizes: dict[str, nn.Pa
 
 def maml_reference(algo: str, case: str, model: nn.Module) -> MetaStep:
     """MAML or FOMAML; MAML++'s reference too (learn2learn has no MAML++): MAML with the same inner loop."""
-    return sgd_reference(model, inner_loop(algo, case))
+    return sgd_reference(model, inner_loop(algo, case), loss=task_loss_of(case))
 
 
 def metasgd_reference(algo: str, case: str, model: nn.Module) -> MetaStep:
     """Meta-SGD: a step size per weight entry, starting at the inner LR, meta-learned with the weights."""
     loop = inner_loop(algo, case)
-    return sgd_reference(model, loop, {name: nn.Parameter(torch.full_like(p, loop.lr)) for name, p in model.named_parameters()})
+    return sgd_reference(model, loop, {name: nn.Parameter(torch.full_like(p, loop.lr)) for name, p in model.named_parameters()}, task_loss_of(case))
 
 
 def anil_reference(algo: str, case: str, model: nn.Module) -> MetaStep:
     """ANIL: the body once on the support and once on the query set, a clone of the head adapted on the embeddings."""
-    loop = inner_loop(algo, case)
+    loop, loss = inner_loop(algo, case), task_loss_of(case)
 
     def task_loss(task: Batch) -> Tensor:
         support, query = model.features(task["support_x"]), model.features(task["query_x"])
         head = clone_module(model.head)
-        inner_sgd(head, support, task["support_y"], loop, loop.lr)
-        return F.cross_entropy(head(query), task["query_y"])
+        inner_sgd(head, support, task["support_y"], loop, loop.lr, loss)
+        return loss(head(query), task["query_y"])
 
     return MetaStep(dict(model.named_parameters()), per_task(task_loss))
 
@@ -257,7 +283,7 @@ def protonet_reference(algo: str, case: str, model: nn.Module) -> MetaStep:
 
 def reptile_reference(algo: str, case: str, model: nn.Module) -> MetaStep:
     """Reptile: per task a deepcopy trained by torch.optim.Adam; .grad = theta - mean of the adapted weights."""
-    loop = inner_loop(algo, case)
+    loop, loss = inner_loop(algo, case), task_loss_of(case)
 
     def meta_gradient(batch: Batch) -> None:
         n_tasks = batch["support_x"].shape[0]
@@ -268,7 +294,7 @@ def reptile_reference(algo: str, case: str, model: nn.Module) -> MetaStep:
             inner = torch.optim.Adam(learner.parameters(), lr=loop.lr, betas=(0.0, 0.999))
             for _ in range(loop.steps):
                 inner.zero_grad()
-                F.cross_entropy(learner(batch["support_x"][i]), batch["support_y"][i]).backward()
+                loss(learner(batch["support_x"][i]), batch["support_y"][i]).backward()
                 inner.step()
             for p, phi in zip(model.parameters(), learner.parameters()):
                 p.grad.add_((p.detach() - phi.detach()) / n_tasks)
@@ -280,14 +306,14 @@ def learn2learn_step(algo: str, case: str, model: nn.Module) -> MetaStep:
     """One MAML meta-step with learn2learn itself (only when it is installed)."""
     import learn2learn
 
-    loop = inner_loop(algo, case)
+    loop, loss = inner_loop(algo, case), task_loss_of(case)
     wrapped = learn2learn.algorithms.MAML(model, lr=loop.lr, first_order=loop.first_order)
 
     def task_loss(task: Batch) -> Tensor:
         learner = wrapped.clone()
         for _ in range(loop.steps):
-            learner.adapt(F.cross_entropy(learner(task["support_x"]), task["support_y"]))
-        return F.cross_entropy(learner(task["query_x"]), task["query_y"])
+            learner.adapt(loss(learner(task["support_x"]), task["support_y"]))
+        return loss(learner(task["query_x"]), task["query_y"])
 
     return MetaStep(dict(model.named_parameters()), per_task(task_loss))
 
@@ -401,7 +427,7 @@ def lightning_overhead(case: str, device: torch.device, repeats: int) -> dict[st
     trainer.fit(algorithm, DataLoader([cpu_batch] * (repeats + 2), batch_size=None))
     starts.append(clock(device))
     fitted = statistics.median(b - a for a, b in zip(starts[1:], starts[2:]))  # after one warm-up step
-    meta_batch = CASES[case][5]
+    meta_batch = meta_batch_of(case)
     return {
         "algo": "maml", "case": case, "path": "lightning", "task_path": path, "device": device.type,
         "meta_batch": meta_batch, "tasks_per_s": round(meta_batch / fitted, 2),
@@ -415,7 +441,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=5, help="timed meta-steps per measurement (median)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: fair on a shared machine)")
-    parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, choices=list(CASES), help="default: %(default)s")
+    parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, choices=[*CASES, *REGRESSION_CASES], help="default: %(default)s")
     parser.add_argument("--algos", nargs="+", default=list(DEFAULT_ALGOS), choices=ALGOS, help="default: %(default)s")
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS, help="reference is always timed")
     parser.add_argument("--no-lightning", action="store_true", help="skip the Lightning overhead measurement")
@@ -428,8 +454,10 @@ def main() -> None:
 
     device = torch.device(args.device)
     for case in args.cases:
-        meta_batch = CASES[case][5]
+        meta_batch = meta_batch_of(case)
         for algo in args.algos:
+            if algo == "protonet" and case in REGRESSION_CASES:
+                continue  # class prototypes: no regression row
             model, batch = make_case(case, device)
             steps = {path: build_step(algo, case, path, copy.deepcopy(model)) for path in paths_of(algo, args.paths)}
             seconds = seconds_per_step(steps, batch, device, args.repeats)

@@ -1,4 +1,4 @@
-"""The notebooks run top to bottom on a small slice of the real data and two short runs, and are committed without outputs."""
+"""The notebooks run top to bottom on a small slice of the real data and short runs, and are committed without outputs."""
 
 import json
 import os
@@ -17,7 +17,7 @@ MINI_CLASSES, MINI_IMAGES = 5, 20  # enough for 5-way tasks of 1 + 15 images per
 
 
 def test_notebooks_are_committed_without_outputs() -> None:
-    assert [p.name for p in NOTEBOOKS] == ["01_episodes.ipynb", "02_results.ipynb", "03_your_task.ipynb"]
+    assert [p.name for p in NOTEBOOKS] == ["01_episodes.ipynb", "02_results.ipynb", "03_your_task.ipynb", "04_regression.ipynb"]
     for path in NOTEBOOKS:
         cells = [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
         assert all(not c.outputs and c.execution_count is None for c in cells), f"{path.name} holds outputs: clear them"
@@ -36,6 +36,16 @@ def _mini_slice(source: Path, target: Path) -> None:
                     dst.writestr(name, src.read(name))
 
 
+def _register_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Jupyter kernel running this interpreter, on one thread, found before any other (nothing registered globally)."""
+    kernel = tmp_path / "jupyter" / "kernels" / "metalight-test"
+    kernel.mkdir(parents=True)
+    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"], "display_name": "metalight test", "language": "python"}
+    (kernel / "kernel.json").write_text(json.dumps(spec))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))  # searched first: nothing is registered globally
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
 @pytest.fixture
 def environment(data_dir: Path, cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """DATA_DIR with the real Omniglot and a miniImageNet slice; a Jupyter kernel running this interpreter."""
@@ -43,14 +53,9 @@ def environment(data_dir: Path, cache_dir: Path, tmp_path: Path, monkeypatch: py
     data.mkdir()
     (data / "omniglot").symlink_to(data_dir / "omniglot")
     _mini_slice(data_dir / "miniimagenet", data / "miniimagenet")
-    kernel = tmp_path / "jupyter" / "kernels" / "metalight-test"
-    kernel.mkdir(parents=True)
-    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"], "display_name": "metalight test", "language": "python"}
-    (kernel / "kernel.json").write_text(json.dumps(spec))
-    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))  # searched first: nothing is registered globally
+    _register_kernel(tmp_path, monkeypatch)
     monkeypatch.setenv("DATA_DIR", str(data))
     monkeypatch.setenv("METALIGHT_CACHE", str(cache_dir))
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     return data
 
 
@@ -117,3 +122,22 @@ def test_your_task_notebook_adapts_a_run_to_a_folder_made_from_lake_run_1(enviro
     assert [line.split()[0] for line in table] == ["class01_item08.png", "class02_item03.png", "class03_item12.png"]  # run01's answer key
     assert all(abs(sum(float(p) for p in line.split()[2:]) - 1) < 0.01 for line in table)  # probabilities of each query
     assert _images(notebook) == 1  # the support set and the predictions
+
+
+@pytest.mark.slow
+def test_regression_notebook_on_maml_and_pretrained_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _register_kernel(tmp_path, monkeypatch)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    short = ["trainer.max_steps=10", "data.batches_per_epoch=5", "data.n_val_tasks=4", "data.n_test_tasks=4", "++trainer.enable_progress_bar=false",
+             f"paths.log_dir={tmp_path / 'logs'}", "trainer.accelerator=cpu"]
+    for name, experiment in (("MAML", "quick_sinusoid"), ("PRETRAINED", "quick_sinusoid_pretrained")):
+        result = subprocess.run([sys.executable, str(ROOT / "train.py"), f"experiment={experiment}", *short], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=240)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        (run,) = (tmp_path / "logs" / experiment / "runs").iterdir()
+        monkeypatch.setenv(f"METALIGHT_{name}", str(run))
+    notebook = _execute("04_regression.ipynb")
+    text = "".join(out.get("text", "") for cell in notebook.cells for out in cell.get("outputs", []))
+    assert "MAML: test MSE before adaptation" in text and "pretrained: test MSE before adaptation" in text and "after 10 steps" in text
+    assert text.count("MSE on the grid after 10 steps") == 2 and text.count("on 9 query points") == 2
+    assert _images(notebook) == 2  # the curves and per-step MSE, the fits

@@ -40,7 +40,17 @@ ALGORITHMS = {
     # Baseline++: the classifier over the training classes, BatchNorm running statistics, the stream of labelled images
     "baseline": ["algo=baseline", "algo.head=cosine", "data.batch_size=4", "algo.fit_epochs=2", "model.track_running_stats=true"],
     "reptile": ["algo=reptile", "algo.inner_steps=2", "algo.eval_inner_steps=1"],  # the persistent inner Adam state
+    # regression through the task interface: MAML's and Meta-SGD's vmap path on sinusoids, whose training tasks
+    # come from (seed, step); a sinusoid step takes milliseconds, so these runs are longer, to be killed mid-way
+    "maml_sinusoid": ["data=sinusoid", "model.hidden=[8,8]", "algo=maml", "algo.inner_lr=0.01", "algo.eval_inner_steps=2", "trainer.max_steps=400"],
+    "metasgd_sinusoid": ["data=sinusoid", "model.hidden=[8,8]", "algo=metasgd", "algo.inner_lr=0.01", "trainer.max_steps=400"],
 }
+
+
+def _max_steps(extra: list[str]) -> int:
+    """The run's trainer.max_steps: MAX_STEPS unless its overrides set another."""
+    given = [int(item.split("=")[1]) for item in extra if item.startswith("trainer.max_steps=")]
+    return given[-1] if given else MAX_STEPS
 
 
 def _command(log_dir: Path, *overrides: str) -> list[str]:
@@ -96,10 +106,10 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, data_dir, ca
     for name, extra in ALGORITHMS.items():
         (killed,) = _last(tmp_path / name)
         killed_at = _step(killed)
-        assert 2 <= killed_at < MAX_STEPS, name
+        assert 2 <= killed_at < _max_steps(extra), name
         expected = run(f"{name}-reference", *extra)
         got = run(f"{name}-resumed", *extra, f"ckpt_path={killed}")
-        assert load_checkpoint(tmp_path / f"{name}-resumed" / "checkpoints" / "last.ckpt")["global_step"] == MAX_STEPS
+        assert load_checkpoint(tmp_path / f"{name}-resumed" / "checkpoints" / "last.ckpt")["global_step"] == _max_steps(extra)
         assert expected.keys() == got.keys()
         for key, value in expected.items():
             assert torch.equal(value, got[key]), f"{name}: {key} differs after resuming from step {killed_at}"
