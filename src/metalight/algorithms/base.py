@@ -74,6 +74,13 @@ def mean_and_ci95(total: float, total_sq: float, n: int) -> tuple[float, float]:
     return mean, 1.96 * math.sqrt(var / n)
 
 
+# what the refusal of a task kind suggests instead
+LEARNERS_OF_KIND = {
+    "regression": "a gradient-based learner (algo=maml, fomaml, reptile, anil, metasgd, mamlpp, pretrained) or algo=cnp",
+    "classification": "any learner but algo=cnp",
+}
+
+
 class EpisodicModule(pl.LightningModule):
     """Base LightningModule of episodic meta-learners: outer step, evaluation by adaptation, metrics."""
 
@@ -157,10 +164,10 @@ class EpisodicModule(pl.LightningModule):
     def check_task_kind(cls, kind: TaskKind) -> None:
         """ConfigError, naming the fix, when this learner cannot take tasks of `kind` (a classifier on regression tasks)."""
         if kind.name not in cls.task_kinds:
+            learners = LEARNERS_OF_KIND.get(kind.name, "another learner")
             raise ConfigError(
                 f"algo={cls.__name__} learns {' and '.join(cls.task_kinds)} tasks only, but the data (data=...) gives "
-                f"{kind.name} tasks: choose a gradient-based learner (algo=maml, fomaml, reptile, anil, metasgd, mamlpp, "
-                "pretrained) or a data set of its kind."
+                f"{kind.name} tasks: choose {learners}, or a data set of its kind."
             )
 
     def use_task_kind(self, kind: TaskKind) -> None:
