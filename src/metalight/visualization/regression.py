@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,6 +15,8 @@ from torch import Tensor
 from metalight.algorithms.base import EpisodicModule
 from metalight.tasks.regression import FunctionTasks, RegressionDataModule
 from metalight.visualization.charts import tensorboard_writer
+
+log = logging.getLogger(__name__)
 
 
 def adapted_fits(algorithm: EpisodicModule, tasks: FunctionTasks, task_ids: Sequence[int], grid: np.ndarray) -> dict[str, Tensor]:
@@ -86,6 +89,7 @@ class RegressionFits(Callback):
 
     def __init__(self, n_tasks: int = 3, steps: Sequence[int] = (0, 1, 10), grid_points: int = 200) -> None:
         self.n_tasks, self.steps, self.grid_points = n_tasks, tuple(steps), grid_points
+        self.logged_to: str | None = None  # the event folder the figures went to
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Adapt the fixed tasks once more for the picture and draw both figures (after val/* are logged)."""
@@ -109,3 +113,12 @@ class RegressionFits(Callback):
         if per_step:
             writer.add_figure("val_regression/mse_per_step", plot_mse_per_step(per_step), global_step=step, close=True)
         plt.close("all")
+        self.logged_to = writer.log_dir
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Say where the figures are, once training is over."""
+        if self.logged_to:
+            log.info(
+                "Regression figures (Finn et al. Fig. 2): TensorBoard's Images tab, val_regression/fits and val_regression/mse_per_step, "
+                "in %s (tensorboard --logdir %s)", self.logged_to, self.logged_to,
+            )
