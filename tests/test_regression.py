@@ -181,15 +181,44 @@ def test_maml_learns_sinusoids_and_beats_the_pretrained_baseline(compose_generat
     assert maml["test/mse_step10"] < 0.5 * maml["test/mse_step0"], "adaptation helps"
 
 
-@pytest.mark.parametrize("algo, override", [("protonet", "algo=protonet"), ("baseline", "algo=baseline")])
-def test_classification_only_learners_refuse_regression_writing_nothing(compose_generated, tmp_path, algo, override) -> None:
-    cfg = compose_generated("data=sinusoid", override)
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["algo=protonet"], "learns classification tasks only, but the data (data=...) gives regression tasks"),
+        (["algo=baseline"], "learns classification tasks only, but the data (data=...) gives regression tasks"),
+        (["data.family=no_such_package.tasks"], "data.family='no_such_package.tasks' cannot be imported"),
+        (["data=regression", "data.family=test_regression.vector_family"], "not [5, data.output_dim=1]"),
+        (["data.family_options.amplitude=[5.0,0.1]"], "data.family_options.amplitude=[5.0, 0.1] is empty or inverted"),
+        (["data.x_range=[1.0,1.0]"], "data.x_range=[1.0, 1.0] is empty or inverted"),
+        (["data.k_shot=0"], "data.k_shot=0 is not valid"),
+    ],
+)
+def test_bad_input_is_one_line_status_2_and_nothing_written(compose_generated, tmp_path, caplog, overrides, expected) -> None:
+    """Through the entry point train.py wraps (cli.run_reporting_errors): one logged line, exit status 2, no run folder content."""
+    data = [] if any(item.startswith("data=") for item in overrides) else ["data=sinusoid"]
+    cfg = compose_generated(*data, "algo=maml", *overrides)
     with pytest.raises(SystemExit) as stopped:
         cli.run_reporting_errors(train, cfg)
     assert stopped.value.code == 2
-    assert not (tmp_path / "run" / "checkpoints").exists() and not list(tmp_path.glob("run/**/events.out.*"))
-    with pytest.raises(ConfigError, match="learns classification tasks only.*gives regression tasks"):
-        train(cfg)
+    errors = [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
+    assert len(errors) == 1 and expected in errors[0], errors
+    assert not [p for p in (tmp_path / "run").rglob("*") if p.is_file() and ".hydra" not in p.parts]
+
+
+def test_eval_py_reproduces_a_regression_runs_test_mse(compose_generated, tmp_path) -> None:
+    from metalight.apply.evaluation import evaluate
+
+    cfg = compose_generated(*SMALL, "algo=maml", "algo.inner_lr=0.01")
+    (tmp_path / "run" / ".hydra").mkdir(parents=True)
+    OmegaConf.save({k: v for k, v in cfg.items() if k != "hydra"}, tmp_path / "run" / ".hydra" / "config.yaml")
+    metrics, objects = train(cfg)
+    best = objects["trainer"].checkpoint_callback.best_model_path
+    eval_cfg = compose_generated(f"ckpt_path={best}", config_name="eval", folder="eval")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("metalight.apply.evaluation._override_keys", lambda: [])
+        results = evaluate(eval_cfg)
+    assert results["mse"] == pytest.approx(metrics["test/mse"], rel=1e-6) and "acc" not in results
+    assert len(results["mse_steps"]) == cfg.algo.eval_inner_steps + 1 and results["n_tasks"] == cfg.data.n_test_tasks
 
 
 def test_a_custom_family_in_one_line_and_its_learner_api(compose_generated, tmp_path) -> None:
