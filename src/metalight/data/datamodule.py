@@ -17,7 +17,7 @@ from metalight.data.flat import TRAIN_MODES, LabelledImages
 from metalight.data.images import SplitImages, channel_stats
 from metalight.data.preprocess import Augment, ImageFormat, build_transforms, normalize
 from metalight.errors import ConfigError, DataError
-from metalight.tasks.datamodule import TaskDataModule
+from metalight.tasks.datamodule import TaskDataModule, check_whole_number
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +46,6 @@ DATASETS = {
     "tiered_imagenet": _DatasetSpec(tiered_imagenet.load_tiered_imagenet, tiered_imagenet.SPLITS, 3, False),
     "cub": _DatasetSpec(cub.load_cub, cub.SPLITS, 3, downloadable=False, options=cub.OPTIONS),
 }
-
-
-def _check_int(name: str, value: object, smallest: int) -> None:
-    """ConfigError unless value is an int >= smallest."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < smallest:
-        raise ConfigError(
-            f"data.{name}={value!r} is not valid: it must be a whole number >= {smallest}, "
-            f"e.g. data.{name}={max(smallest, 1)}."
-        )
 
 
 def _plain(node: object) -> dict:
@@ -168,14 +159,14 @@ class FewShotDataModule(TaskDataModule):
         )
         positive |= {f"{name}_train": value for name, value in train_keys.items() if value is not None}
         for name, value in positive.items():
-            _check_int(name, value, 1)
+            check_whole_number(name, value, 1)
         for name, value in (("seed", seed), ("eval_seed", eval_seed), ("num_workers", num_workers)):
-            _check_int(name, value, 0)
+            check_whole_number(name, value, 0)
         n_channels, mean, std = _channels_and_statistics(dataset, spec, channels, mean, std)
         if train_mode not in TRAIN_MODES:
             raise ConfigError(f"data.train_mode={train_mode!r} is not known: use episodes (meta-learners) or flat (algo=baseline).")
         if train_mode == "flat":
-            _check_int("batch_size", batch_size, 1)
+            check_whole_number("batch_size", batch_size, 1)
         if small_classes not in SMALL_CLASSES:
             raise ConfigError(f"data.small_classes={small_classes!r} is not valid: use error or drop.")
         source = _plain(source)

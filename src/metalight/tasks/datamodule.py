@@ -10,6 +10,15 @@ from metalight.tasks.kinds import CLASSIFICATION, TaskKind
 from metalight.tasks.samplers import EvalTaskSampler, TrainTaskSampler
 
 
+def check_whole_number(name: str, value: object, smallest: int) -> None:
+    """ConfigError naming data.<name> unless value is an int >= smallest."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < smallest:
+        raise ConfigError(
+            f"data.{name}={value!r} is not valid: it must be a whole number >= {smallest}, "
+            f"e.g. data.{name}={max(smallest, 1)}."
+        )
+
+
 class TaskDataModule(LightningDataModule):
     """Base of the data modules: a subclass fills `_datasets` ("train", "val", "test": datasets indexed by lists of task keys).
 

@@ -43,14 +43,14 @@ def import_callable(path: str, key: str, hint: str) -> Callable:
     return target
 
 
-def check_range(name: str, bounds: Sequence[float]) -> tuple[float, float]:
-    """[low, high] as floats with low < high; ConfigError naming data.family_options.<name> otherwise."""
+def check_range(name: str, bounds: Sequence[float], key: str = "data.family_options") -> tuple[float, float]:
+    """[low, high] as floats with low < high; ConfigError naming <key>.<name> (a family's option by default) otherwise."""
     try:
         low, high = (float(b) for b in bounds)
     except (TypeError, ValueError):
-        raise ConfigError(f"data.family_options.{name}={bounds!r} is not a range: give [low, high], e.g. [0.1, 5.0].") from None
+        raise ConfigError(f"{key}.{name}={bounds!r} is not a range: give [low, high], e.g. [0.1, 5.0].") from None
     if not low < high:
-        raise ConfigError(f"data.family_options.{name}=[{low}, {high}] is empty or inverted: give [low, high] with low < high.")
+        raise ConfigError(f"{key}.{name}=[{low}, {high}] is empty or inverted: give [low, high] with low < high.")
     return low, high
 
 

@@ -12,8 +12,8 @@ from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 
 from metalight.errors import ConfigError
-from metalight.tasks.datamodule import TaskDataModule
-from metalight.tasks.families import RegressionTask, import_callable
+from metalight.tasks.datamodule import TaskDataModule, check_whole_number
+from metalight.tasks.families import RegressionTask, check_range, import_callable
 from metalight.tasks.kinds import REGRESSION, TaskKind, regression_loss
 from metalight.tasks.samplers import Key
 
@@ -105,14 +105,9 @@ class RegressionDataModule(TaskDataModule):
             ("eval_batch_size", eval_batch_size, 1), ("batches_per_epoch", batches_per_epoch, 1), ("n_val_tasks", n_val_tasks, 1),
             ("n_test_tasks", n_test_tasks, 1), ("seed", seed, 0), ("eval_seed", eval_seed, 0), ("num_workers", num_workers, 0),
         ):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < smallest):
-                raise ConfigError(f"data.{key}={value!r} is not valid: it must be a whole number >= {smallest}, e.g. data.{key}={max(smallest, 1)}.")
-        try:
-            low, high = (float(b) for b in x_range)
-        except (TypeError, ValueError):
-            raise ConfigError(f"data.x_range={x_range!r} is not a range: give [low, high], e.g. [-5.0, 5.0].") from None
-        if not low < high:
-            raise ConfigError(f"data.x_range=[{low}, {high}] is empty or inverted: give [low, high] with low < high.")
+            if value is not None:
+                check_whole_number(key, value, smallest)
+        low, high = check_range("x_range", x_range, key="data")
         if not (isinstance(noise_std, (int, float)) and not isinstance(noise_std, bool) and noise_std >= 0 and math.isfinite(noise_std)):
             raise ConfigError(f"data.noise_std={noise_std!r} is not valid: give a number >= 0 (0: no noise).")
         super().__init__(
