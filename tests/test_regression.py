@@ -153,13 +153,15 @@ SMALL = ["data=sinusoid", "model.hidden=[16,16]", "trainer.max_steps=10", "data.
          "data.n_val_tasks=4", "data.n_test_tasks=4", "data.eval_batch_size=4", "algo.eval_inner_steps=3", "logger=csv"]
 
 
+@pytest.mark.parametrize("path", ["vmap", "loop"])
 @pytest.mark.parametrize("algo", GRADIENT_BASED)
-def test_every_gradient_based_learner_trains_on_sinusoids(compose_generated, algo) -> None:
+def test_every_gradient_based_learner_trains_on_sinusoids(compose_generated, algo, path) -> None:
     extra = {"mamlpp": ["algo.msl_epochs=1", "algo.bnrs=false", "algo.bnwb=false"],  # an MLP has no BatchNorm to give per-step weights
              "reptile": ["algo.eval_inner_batch_size=null"]}.get(algo, [])
-    cfg = compose_generated(*SMALL, f"algo={algo}", "algo.inner_lr=0.01", *extra)
+    cfg = compose_generated(*SMALL, f"algo={algo}", "algo.inner_lr=0.01", f"algo.task_parallel={path}", *extra)
     metrics, objects = train(cfg)
     assert objects["algorithm"].task_kind is REGRESSION and objects["trainer"].global_step == 10
+    assert objects["algorithm"].path() == path
     steps = [metrics[f"test/mse_step{k}"] for k in range(4)]
     assert all(math.isfinite(v) and v > 0 for v in steps) and metrics["test/mse"] == steps[-1]
     assert "test/acc" not in metrics and math.isfinite(metrics["val/mse_best"])
