@@ -243,6 +243,11 @@ def test_a_custom_family_in_one_line_and_its_learner_api(compose_generated, tmp_
     torch.testing.assert_close(predicted, expected)
     with pytest.raises(ConfigError, match="data.input_dim=1"):
         learner.adapt(torch.zeros(3, 2), torch.zeros(3))
+    from metalight.apply.prediction import predict
+
+    request = OmegaConf.create({"ckpt_path": str(run), "device": "cpu", "paths": {"log_dir": str(tmp_path)}, "support": "any", "query": "any"})
+    with pytest.raises(ConfigError, match="predict.py classifies images, but .* learned regression tasks"):
+        predict(request)
 
 
 def test_regression_fits_are_logged_to_tensorboard(compose_generated, tmp_path) -> None:

@@ -40,6 +40,9 @@ ALGORITHMS = {
     # Baseline++: the classifier over the training classes, BatchNorm running statistics, the stream of labelled images
     "baseline": ["algo=baseline", "algo.head=cosine", "data.batch_size=4", "algo.fit_epochs=2", "model.track_running_stats=true"],
     "reptile": ["algo=reptile", "algo.inner_steps=2", "algo.eval_inner_steps=1"],  # the persistent inner Adam state
+    # the metric-based pair: Matching Networks' full context embedding LSTMs, Relation Networks' relation module
+    "matchingnet": ["algo=matchingnet", "algo.fce=true"],
+    "relationnet": ["algo=relationnet", "model=conv4_relation", "algo.relation_channels=8"],
     # regression through the task interface: MAML's and Meta-SGD's vmap path on sinusoids, whose training tasks
     # come from (seed, step); a sinusoid step takes milliseconds, so these runs are longer, to be killed mid-way
     "maml_sinusoid": ["data=sinusoid", "model.hidden=[8,8]", "algo=maml", "algo.inner_lr=0.01", "algo.eval_inner_steps=2", "trainer.max_steps=400"],

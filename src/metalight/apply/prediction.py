@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from metalight.runs.checkpoint_io import write_text_atomically
 from metalight.data.images import IMAGE_SUFFIXES
-from metalight.errors import DataError
+from metalight.errors import ConfigError, DataError
 from metalight.apply.learner import FewShotLearner
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,11 @@ def predictions_csv(queries: list[Path], classes: list[str], probabilities: list
 def predict(cfg: DictConfig) -> Path:
     """Adapt cfg.ckpt_path's learner to cfg.support, classify cfg.query, print a table and write cfg.output; its path."""
     learner = FewShotLearner.load(cfg.ckpt_path, cfg.device, runs_dir=Path(cfg.paths.log_dir) / "train" / "runs")
+    if learner.regresses:
+        raise ConfigError(
+            f"predict.py classifies images, but {learner.checkpoint} learned regression tasks: in Python, "
+            "FewShotLearner.load(<run>).adapt(x, y).predict(x_new) takes tensors (README, Regression)."
+        )
     images, labels = support_set(Path(cfg.support).expanduser())
     queries = query_images(str(cfg.query))
     probabilities = learner.adapt(images, labels).predict(queries).tolist()
