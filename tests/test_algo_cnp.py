@@ -1,33 +1,22 @@
-"""Conditional Neural Processes (algo=cnp): the set encoder, the Gaussian NLL, learning, evaluation, the learner API, DDP, resume, refusals.
+"""Conditional Neural Processes (algo=cnp): the set encoder, the Gaussian NLL, learning, evaluation, the learner API, refusals.
 
-Run as a script (`python tests/test_algo_cnp.py OUT_DIR`) it fits a CNP on data=sinusoid's data module with
-Trainer(strategy="ddp", devices=2) and saves each rank's weights and val/* metrics; the DDP test launches it,
-repeats the run in one process and compares.
+Its DDP check (2 processes = 1) is in tests/test_regression_ddp.py, its SIGKILL-then-resume check in tests/test_resume.py.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 
-from pathlib import Path
 
 import pytest
 import torch
-from algo_tasks import launch_two_processes, make_trainer
-from lightning.pytorch.strategies import DDPStrategy
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
 from metalight.algorithms import CNP
 from metalight.algorithms.cnp import gaussian_nll
 from metalight.errors import ConfigError
 from metalight.models import MLP, CNPNetwork
 from metalight.runs import cli
-from metalight.runs.checkpoints import load_checkpoint
 from metalight.runs.training import build_data_and_algorithm, train
 from metalight.tasks import REGRESSION, RegressionDataModule
 from metalight.tasks.samplers import EvalTaskSampler
@@ -177,88 +166,6 @@ def test_algo_cnp_picks_its_network_and_its_experiments_compose(compose_generate
     for key in ("family", "family_options", "k_shot", "k_query", "n_test_tasks", "eval_seed", "x_range", "noise_std"):
         assert quick.data[key] == maml.data[key], f"the quick runs' test tasks differ in data.{key}"
     assert isinstance(CNP(CNPNetwork()).model, CNPNetwork) and not isinstance(CNPNetwork(), MLP)
-
-
-@pytest.mark.slow
-def test_sigkill_then_resume_matches_an_uninterrupted_run(compose_generated, tmp_path) -> None:
-    """A train.py run of algo=cnp killed after step 2 and resumed from its last.ckpt ends with the weights and Adam state of a straight run."""
-    from test_resume import ROOT, _last, _step
-
-    steps = 100  # a step takes milliseconds: enough of them for the run to be killed mid-way
-    tiny = [*SMALL, f"trainer.max_steps={steps}", "data.batches_per_epoch=4", "data.meta_batch_size=2", "data.n_val_tasks=2",
-            "data.eval_batch_size=2", "callbacks.last_checkpoint.every_n_steps=1", "test=false", "++trainer.enable_progress_bar=false",
-            "trainer.accelerator=cpu", "data.num_workers=0"]
-    env = {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
-    killed_dir = tmp_path / "killed"
-    job = subprocess.Popen([sys.executable, str(ROOT / "train.py"), f"paths.log_dir={killed_dir}", *tiny], cwd=tmp_path,
-                           env=os.environ | env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while job.poll() is None and time.monotonic() < deadline and not any(_step(p) >= 2 for p in _last(killed_dir)):
-        time.sleep(0.02)
-    job.send_signal(signal.SIGKILL)
-    _, error = job.communicate(timeout=60)
-    assert job.returncode == -signal.SIGKILL, f"the run ended before it could be killed ({job.returncode}): {error[-2000:]}"
-    (killed,) = _last(killed_dir)
-    killed_at = _step(killed)
-    assert 2 <= killed_at < steps
-
-    def run(folder: str, *extra: str) -> dict:
-        cfg = compose_generated(*tiny, *extra, folder=folder)
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(tmp_path / folder)
-        _, objects = train(cfg)
-        optimizer = objects["trainer"].optimizers[0].state_dict()["state"]
-        return objects["algorithm"].state_dict() | {f"adam.{i}.{k}": v for i, s in optimizer.items() for k, v in s.items()}
-
-    expected, got = run("reference"), run("resumed", f"ckpt_path={killed}")
-    assert load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")["global_step"] == steps
-    assert expected.keys() == got.keys()
-    for key, value in expected.items():
-        assert torch.equal(value, got[key]), f"{key} differs after resuming from step {killed_at}"
-
-
-DDP_STEPS = 3
-
-
-def ddp_run(devices: int, out_dir: Path) -> None:
-    """Fit DDP_STEPS meta-steps of 4 sinusoid tasks (2 per rank), validate on 5 fixed tasks (3 and 2 per rank), save this rank's results."""
-    datamodule = RegressionDataModule("metalight.tasks.families.sinusoid", k_shot=6, k_query=4, meta_batch_size=4, eval_batch_size=2,
-                                      batches_per_epoch=DDP_STEPS, n_val_tasks=5, seed=7)
-    torch.manual_seed(0)
-    algorithm = CNP(CNPNetwork(encoder=[8, 8], decoder=[8]).double(), optimizer=lambda params: torch.optim.Adam(params, lr=0.01))
-    strategy = DDPStrategy(process_group_backend="gloo") if devices > 1 else "auto"
-    trainer = make_trainer(max_steps=DDP_STEPS, devices=devices, strategy=strategy, precision="64-true")
-    trainer.fit(algorithm, datamodule=datamodule)
-    trainer.validate(algorithm, datamodule=datamodule, verbose=False)
-    result = {
-        "params": {k: v.detach().clone() for k, v in algorithm.state_dict().items()},
-        "val": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
-    }
-    torch.save(result, out_dir / f"cnp-{devices}-{trainer.global_rank}.pt")
-
-
-@pytest.mark.slow
-def test_two_processes_match_one(tmp_path) -> None:
-    """DDP over 2 CPU processes (each rank 2 of the 4 tasks of a meta-step, its share of the validation tasks) = 1 process."""
-    launch_two_processes(__file__, tmp_path)
-    ddp_run(1, tmp_path)
-    single = torch.load(tmp_path / "cnp-1-0.pt")
-    ranks = [torch.load(tmp_path / f"cnp-2-{rank}.pt") for rank in (0, 1)]
-    torch.manual_seed(0)
-    start = CNPNetwork(encoder=[8, 8], decoder=[8]).double().state_dict()
-    assert any(not torch.equal(start[k.removeprefix("model.")], v) for k, v in single["params"].items()), "training moved nothing"
-    for key, value in single["params"].items():
-        assert torch.equal(ranks[0]["params"][key], ranks[1]["params"][key]), f"ranks differ on {key}"
-        torch.testing.assert_close(ranks[0]["params"][key], value, rtol=0, atol=1e-9, msg=key)
-    assert {"val/mse", "val/loss"} <= set(single["val"]) and set(ranks[0]["val"]) == set(single["val"])
-    for key, value in single["val"].items():
-        assert ranks[0]["val"][key] == ranks[1]["val"][key]
-        assert ranks[0]["val"][key] == pytest.approx(value, rel=1e-9), key
-
-
-if __name__ == "__main__":
-    torch.set_num_threads(1)
-    ddp_run(2, Path(sys.argv[1]))
 
 
 def test_the_fits_figure_shows_one_prediction() -> None:

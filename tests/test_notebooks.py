@@ -130,12 +130,12 @@ def test_regression_notebook_on_maml_and_pretrained_runs(tmp_path: Path, monkeyp
     env = dict(os.environ, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     short = ["trainer.max_steps=10", "data.batches_per_epoch=5", "data.n_val_tasks=4", "data.n_test_tasks=4", "++trainer.enable_progress_bar=false",
              f"paths.log_dir={tmp_path / 'logs'}", "trainer.accelerator=cpu"]
-    for name, experiment in (("MAML", "quick_sinusoid"), ("PRETRAINED", "quick_sinusoid_pretrained")):
-        result = subprocess.run([sys.executable, str(ROOT / "train.py"), f"experiment={experiment}", *short], cwd=tmp_path, env=env,
-                                capture_output=True, text=True, timeout=240)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        (run,) = (tmp_path / "logs" / experiment / "runs").iterdir()
-        monkeypatch.setenv(f"METALIGHT_{name}", str(run))
+    sweep = tmp_path / "sweep"  # both runs in one process: job 0 MAML, job 1 the pretrained baseline
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", "experiment=quick_sinusoid,quick_sinusoid_pretrained",
+                             f"hydra.sweep.dir={sweep}", *short], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    monkeypatch.setenv("METALIGHT_MAML", str(sweep / "0"))
+    monkeypatch.setenv("METALIGHT_PRETRAINED", str(sweep / "1"))
     notebook = _execute("04_regression.ipynb")
     text = "".join(out.get("text", "") for cell in notebook.cells for out in cell.get("outputs", []))
     assert "MAML: test MSE before adaptation" in text and "pretrained: test MSE before adaptation" in text and "after 10 steps" in text

@@ -15,23 +15,25 @@ import torch
 from algo_tasks import launch_two_processes, make_trainer
 from lightning.pytorch.strategies import DDPStrategy
 
-from metalight.algorithms import MAML, MetaSGD, Reptile
-from metalight.models import MLP
+from metalight.algorithms import CNP, MAML, MetaSGD, Reptile
+from metalight.models import MLP, CNPNetwork
 from metalight.tasks import RegressionDataModule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS = 3
 # MAML second order on vmap (the CPU default for an MLP) and on the loop; Meta-SGD's learned step sizes;
-# Reptile's persistent inner Adam, whose moments the ranks average once per meta-step
-LEARNERS = ("maml_vmap", "maml_loop", "metasgd_vmap", "reptile_vmap")
+# Reptile's persistent inner Adam, whose moments the ranks average once per meta-step; CNP, the model-based learner
+LEARNERS = ("maml_vmap", "maml_loop", "metasgd_vmap", "reptile_vmap", "cnp")
 
 
 def build(name: str):
     """The learner under test, identically initialized in every process (float64: sums over ranks in another order agree)."""
     torch.manual_seed(0)
-    model = MLP(1, 1, hidden=[8, 8], init="default").double()
     kind, _, path = name.partition("_")
+    if kind == "cnp":
+        return CNP(CNPNetwork(encoder=[8, 8], decoder=[8]).double(), optimizer=lambda params: torch.optim.Adam(params, lr=0.01))
+    model = MLP(1, 1, hidden=[8, 8], init="default").double()
     if kind == "maml":
         return MAML(model, inner_lr=0.05, inner_steps=2, eval_inner_steps=3, task_parallel=path)
     if kind == "metasgd":
