@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from algo_tasks import EvalTasks, TrainStream, loader, make_batch, make_trainer, tiny_conv4
-from torch import nn
 
 from metalight.algorithms import RelationNet
 from metalight.algorithms.functional import run_tasks, split_state

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metalight.algorithms.base import EpisodicModule, OptimizerFactory, SchedulerFactory, require_features_and_head
-from metalight.algorithms.functional import Params, TaskOutcome, _prefixed, run_tasks, split_state
-from metalight.algorithms.protonet import ProtoNet
+from metalight.algorithms.base import OptimizerFactory, SchedulerFactory, require_features_and_head
+from metalight.algorithms.metric import MetricLearner
+from metalight.algorithms.functional import Params, TaskOutcome, _prefixed, split_state
 from metalight.errors import ConfigError
 from metalight.tasks.kinds import accuracy
 
@@ -96,7 +96,7 @@ class FullContextEmbedding(nn.Module):
         return g, self.queries(queries, g)
 
 
-class MatchingNet(EpisodicModule):
+class MatchingNet(MetricLearner):
     """Matching Networks: no inner loop; P(y | x, S) = sum_i a(x, x_i) y_i with a the softmax of cosine similarities.
 
     The model's `features` embed the images (its linear head is dropped; embeddings are flattened). Each
@@ -116,7 +116,6 @@ class MatchingNet(EpisodicModule):
     Logits (eval.py, FewShotLearner) are the log-probabilities.
     """
 
-    task_kinds = ("classification",)  # probabilities over the support set's classes
 
     def __init__(
         self,
@@ -172,16 +171,3 @@ class MatchingNet(EpisodicModule):
             return TaskOutcome(F.nll_loss(log_probs, query_y), accuracy(log_probs.detach(), query_y).unsqueeze(0), {}, kept)
 
         return run
-
-    n_way_of = staticmethod(ProtoNet.n_way_of)
-
-    def compute_meta_gradient(self, batch: dict[str, Tensor], measure: bool) -> TaskOutcome:
-        """Backpropagate the mean query NLL of the meta-batch (DDP averages it)."""
-        params, _ = split_state(self.model)
-        return self.meta_backward(self.task_fn(self.n_way_of(batch)), params, batch, second_order=False)
-
-    def evaluate_tasks(self, batch: dict[str, Tensor], stream: str, task_ids: list[int], keep_logits: bool = False) -> TaskOutcome:
-        """Query accuracy of each task from its matching probabilities, [B, 1]."""
-        params, _ = split_state(self.model)
-        with torch.no_grad():
-            return run_tasks(self.task_fn(self.n_way_of(batch), keep_logits), params, batch, None, self.path(), second_order=False)

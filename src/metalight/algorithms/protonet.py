@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metalight.algorithms.base import EpisodicModule, OptimizerFactory, SchedulerFactory, outcome_of_logits, require_features_and_head
+from metalight.algorithms.base import OptimizerFactory, SchedulerFactory, outcome_of_logits, require_features_and_head
+from metalight.algorithms.metric import MetricLearner
 from metalight.algorithms.finetune import finetune_and_score
-from metalight.algorithms.functional import Params, TaskOutcome, run_tasks, split_state
+from metalight.algorithms.functional import Params, TaskOutcome, split_state
 from metalight.tasks.kinds import accuracy
 from metalight.algorithms.reptile import task_generator
 from metalight.errors import ConfigError
@@ -28,7 +29,7 @@ def negative_squared_distances(queries: Tensor, centers: Tensor) -> Tensor:
     return -(queries.pow(2).sum(1, keepdim=True) - 2 * queries @ centers.T + centers.pow(2).sum(1))
 
 
-class ProtoNet(EpisodicModule):
+class ProtoNet(MetricLearner):
     """Prototypical Networks: no inner loop; logits are negative squared Euclidean distances to class prototypes.
 
     The model's `features` embed the images (its linear head is dropped: it is not used). With
@@ -42,8 +43,6 @@ class ProtoNet(EpisodicModule):
     finetune_steps > 0 fine-tunes the body on each val/test task's support set before the prototypes are
     taken (Hu et al. 2022, P>M>F; finetune.py), with the query accuracy after every step.
     """
-
-    task_kinds = ("classification",)  # prototypes are class means
 
     def __init__(
         self,
@@ -98,23 +97,11 @@ class ProtoNet(EpisodicModule):
 
         return run
 
-    @staticmethod
-    def n_way_of(batch: dict[str, Tensor]) -> int:
-        """Ways of the batch's tasks (labels are 0..n_way-1; training and evaluation tasks may differ)."""
-        return int(batch["support_y"][0].max()) + 1
-
-    def compute_meta_gradient(self, batch: dict[str, Tensor], measure: bool) -> TaskOutcome:
-        """Backpropagate the mean query loss of the meta-batch (DDP averages it)."""
-        params, _ = split_state(self.model)
-        return self.meta_backward(self.task_fn(self.n_way_of(batch)), params, batch, second_order=False)
-
     def evaluate_tasks(self, batch: dict[str, Tensor], stream: str, task_ids: list[int], keep_logits: bool = False) -> TaskOutcome:
         """Query accuracy of each task from its prototypes: scores [B, 1], or [B, finetune_steps + 1] when fine-tuning."""
         if self.finetune_steps:
             return self.finetuned_tasks(batch, stream, task_ids, keep_logits)
-        params, _ = split_state(self.model)
-        with torch.no_grad():
-            return run_tasks(self.task_fn(self.n_way_of(batch), keep_logits), params, batch, None, self.path(), second_order=False)
+        return super().evaluate_tasks(batch, stream, task_ids, keep_logits)
 
     def finetuned_tasks(self, batch: dict[str, Tensor], stream: str, task_ids: list[int], keep_logits: bool) -> TaskOutcome:
         """Fine-tune a copy of the body on each task's support set (seeded per task), scoring its queries after every step."""

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metalight.algorithms.base import EpisodicModule, OptimizerFactory, SchedulerFactory, require_features_and_head
-from metalight.algorithms.functional import Params, TaskOutcome, _prefixed, run_tasks, split_state
-from metalight.algorithms.protonet import ProtoNet
+from metalight.algorithms.base import OptimizerFactory, SchedulerFactory, require_features_and_head
+from metalight.algorithms.metric import MetricLearner
+from metalight.algorithms.functional import Params, TaskOutcome, _prefixed, split_state
 from metalight.errors import ConfigError
 from metalight.models.conv4_relation import sung_init_
 from metalight.tasks.kinds import accuracy
@@ -65,7 +65,7 @@ def relation_pairs(queries: Tensor, classes: Tensor) -> Tensor:
     return both.flatten(0, 1)
 
 
-class RelationNet(EpisodicModule):
+class RelationNet(MetricLearner):
     """Relation Networks: no inner loop; each query is scored against each class by a learned relation module.
 
     Follows the authors' code, floodsung/LearningToCompare_FSL (omniglot_train_*_shot.py,
@@ -85,7 +85,6 @@ class RelationNet(EpisodicModule):
     as model=conv4_relation does; another stops when the run starts.
     """
 
-    task_kinds = ("classification",)  # scores against one-hot class targets
 
     def __init__(
         self,
@@ -167,16 +166,3 @@ class RelationNet(EpisodicModule):
             return TaskOutcome(loss, accuracy(scores.detach(), query_y).unsqueeze(0), {}, kept)
 
         return run
-
-    n_way_of = staticmethod(ProtoNet.n_way_of)
-
-    def compute_meta_gradient(self, batch: dict[str, Tensor], measure: bool) -> TaskOutcome:
-        """Backpropagate the mean relation MSE of the meta-batch (DDP averages it)."""
-        params, _ = split_state(self.model)
-        return self.meta_backward(self.task_fn(self.n_way_of(batch)), params, batch, second_order=False)
-
-    def evaluate_tasks(self, batch: dict[str, Tensor], stream: str, task_ids: list[int], keep_logits: bool = False) -> TaskOutcome:
-        """Query accuracy of each task from its relation scores, [B, 1]; logits (kept for eval.py) are the scores."""
-        params, _ = split_state(self.model)
-        with torch.no_grad():
-            return run_tasks(self.task_fn(self.n_way_of(batch), keep_logits), params, batch, None, self.path(), second_order=False)
