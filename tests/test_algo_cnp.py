@@ -1,6 +1,6 @@
 """Conditional Neural Processes (algo=cnp): the set encoder, the Gaussian NLL, learning, evaluation, the learner API, refusals.
 
-Its DDP check (2 processes = 1) is in tests/test_regression_ddp.py, its SIGKILL-then-resume check in tests/test_resume.py.
+Its DDP check (2 processes = 1) is in tests/test_regression_ddp.py; SIGKILL-then-resume on regression tasks (MAML's run) in tests/test_resume.py.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ MAX_STEPS = 12
 # a small network and small tasks keep a meta-step near 0.1 s on a CPU
 TINY = [
     f"trainer.max_steps={MAX_STEPS}", "data.batches_per_epoch=4", "data.meta_batch_size=2", "data.k_query=2",
-    "data.n_val_tasks=2", "data.eval_batch_size=2", "data.num_workers=0",
+    "data.n_val_tasks=2", "data.eval_batch_size=2", "model.hidden=8", "data.num_workers=0",
     "data.persistent_workers=false", "++trainer.enable_progress_bar=false", "callbacks.last_checkpoint.every_n_steps=1",
     "logger=csv", "test=false", "trainer.accelerator=cpu",  # exact resume is a CPU promise
 ]
@@ -42,16 +42,10 @@ ALGORITHMS = {
     "reptile": ["algo=reptile", "algo.inner_steps=2", "algo.eval_inner_steps=1"],  # the persistent inner Adam state
     # regression through the task interface: MAML's vmap path on sinusoids, whose training tasks come from
     # (seed, step); a sinusoid step takes milliseconds, so this run is longer, to be killed mid-way
-    # (Meta-SGD's learned step sizes are resumed in the image case above; CNP's regression run in test_algo_cnp.py)
+    # (what a learner keeps beyond its weights and Adam's, learned step sizes and inner Adam state, is resumed in the
+    # image cases above; the regression path adds the task kind and the regression data module's stream)
     "maml_sinusoid": ["data=sinusoid", "model.hidden=[8,8]", "algo=maml", "algo.inner_lr=0.01", "algo.eval_inner_steps=2", "trainer.max_steps=120"],
-    # the model-based learner: CNP's network and its outer Adam on sinusoids
-    "cnp_sinusoid": ["data=sinusoid", "algo=cnp", "model.encoder=[8,8]", "model.decoder=[8]", "trainer.max_steps=120"],
 }
-
-
-def _run_overrides(extra: list[str]) -> list[str]:
-    """TINY, a small network (8 filters or units; CNP's sizes come with its entry), then the entry's own overrides."""
-    return [*TINY, *([] if "algo=cnp" in extra else ["model.hidden=8"]), *extra]
 
 
 def _max_steps(extra: list[str]) -> int:
@@ -61,7 +55,7 @@ def _max_steps(extra: list[str]) -> int:
 
 
 def _command(log_dir: Path, *overrides: str) -> list[str]:
-    return [sys.executable, str(ROOT / "train.py"), f"paths.log_dir={log_dir}", *_run_overrides(list(overrides))]
+    return [sys.executable, str(ROOT / "train.py"), f"paths.log_dir={log_dir}", *TINY, *overrides]
 
 
 def _env(data_dir: Path, cache_dir: Path) -> dict:
@@ -99,7 +93,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, data_dir, ca
         assert job.returncode == -signal.SIGKILL, f"{name}: the run ended before it could be killed ({job.returncode}): {error[-2000:]}"
 
     def run(out: str, *overrides: str) -> dict:
-        cfg = compose_train(*_run_overrides(list(overrides)))
+        cfg = compose_train(*TINY, *overrides)
         with open_dict(cfg):
             cfg.paths.output_dir = str(tmp_path / out)
         _, objects = train(cfg)

@@ -95,7 +95,7 @@ class FewShotLearner:
         """Regression inputs or targets as float32 [n, width], width checked against the run's data.input_dim / output_dim."""
         tensor = torch.as_tensor(values, dtype=torch.float32)
         tensor = tensor.unsqueeze(-1) if tensor.dim() == 1 else tensor
-        width = self.config.data.get(key.split(".")[1])
+        width = self.config.data.get(key.removeprefix("data."))
         if tensor.dim() != 2 or tensor.shape[1] != width:
             raise ConfigError(f"{name} has shape {list(tensor.shape)} but this run's tasks have {key}={width}: give [n, {width}] (or [n] for 1).")
         return tensor

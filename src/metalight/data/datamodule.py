@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 from metalight.data import cifar, cub, folder, miniimagenet, omniglot, tiered_imagenet
 from metalight.data.episodes import EpisodeDataset
@@ -17,7 +16,7 @@ from metalight.data.flat import TRAIN_MODES, LabelledImages
 from metalight.data.images import SplitImages, channel_stats
 from metalight.data.preprocess import Augment, ImageFormat, build_transforms, normalize
 from metalight.errors import ConfigError, DataError
-from metalight.tasks.datamodule import TaskDataModule, check_whole_number
+from metalight.tasks.datamodule import TaskDataModule, check_whole_number, plain_dict
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +45,6 @@ DATASETS = {
     "tiered_imagenet": _DatasetSpec(tiered_imagenet.load_tiered_imagenet, tiered_imagenet.SPLITS, 3, False),
     "cub": _DatasetSpec(cub.load_cub, cub.SPLITS, 3, downloadable=False, options=cub.OPTIONS),
 }
-
-
-def _plain(node: object) -> dict:
-    """A config node (DictConfig or dict, or None) as a plain dict."""
-    if node is None:
-        return {}
-    return dict(OmegaConf.to_container(node, resolve=True)) if OmegaConf.is_config(node) else dict(node)  # type: ignore[arg-type]
 
 
 def _channels_and_statistics(
@@ -169,7 +161,7 @@ class FewShotDataModule(TaskDataModule):
             check_whole_number("batch_size", batch_size, 1)
         if small_classes not in SMALL_CLASSES:
             raise ConfigError(f"data.small_classes={small_classes!r} is not valid: use error or drop.")
-        source = _plain(source)
+        source = plain_dict(source)
         unknown = sorted(set(source) - set(spec.options))
         if unknown:
             known = ", ".join(spec.options) or "none"

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 from lightning.pytorch import LightningDataModule
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from metalight.errors import ConfigError
 from metalight.tasks.kinds import CLASSIFICATION, TaskKind
 from metalight.tasks.samplers import EvalTaskSampler, TrainTaskSampler
+
+
+def plain_dict(node: object) -> dict:
+    """A config node (DictConfig or dict, or None) as a plain dict."""
+    if node is None:
+        return {}
+    return dict(OmegaConf.to_container(node, resolve=True)) if OmegaConf.is_config(node) else dict(node)  # type: ignore[arg-type]
 
 
 def check_whole_number(name: str, value: object, smallest: int) -> None:

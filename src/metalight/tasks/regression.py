@@ -8,11 +8,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 
 from metalight.errors import ConfigError
-from metalight.tasks.datamodule import TaskDataModule, check_whole_number
+from metalight.tasks.datamodule import TaskDataModule, check_whole_number, plain_dict
 from metalight.tasks.families import RegressionTask, check_range, import_callable
 from metalight.tasks.kinds import REGRESSION, TaskKind, regression_loss
 from metalight.tasks.samplers import Key
@@ -54,13 +53,6 @@ class FunctionTasks(Dataset):
         x = torch.from_numpy(np.stack(xs)).float()
         y = torch.from_numpy(np.stack(ys)).float()
         return {"support_x": x[:, : self.k_shot], "support_y": y[:, : self.k_shot], "query_x": x[:, self.k_shot :], "query_y": y[:, self.k_shot :]}
-
-
-def _plain(node: Mapping | None) -> dict[str, Any]:
-    """A config node (DictConfig or dict, or None) as a plain dict."""
-    if node is None:
-        return {}
-    return dict(OmegaConf.to_container(node, resolve=True)) if OmegaConf.is_config(node) else dict(node)  # type: ignore[arg-type]
 
 
 class RegressionDataModule(TaskDataModule):
@@ -113,7 +105,7 @@ class RegressionDataModule(TaskDataModule):
         super().__init__(
             meta_batch_size, eval_batch_size, batches_per_epoch, n_val_tasks, n_test_tasks, seed, eval_seed, num_workers, pin_memory, persistent_workers
         )
-        self.family, self.family_options = family, _plain(family_options)
+        self.family, self.family_options = family, plain_dict(family_options)
         self.x_range, self.input_dim, self.output_dim, self.noise_std = (low, high), input_dim, output_dim, float(noise_std)
         self.k_shot, self.k_query = k_shot, k_query
         self.k_shot_train = k_shot if k_shot_train is None else k_shot_train
