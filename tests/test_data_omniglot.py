@@ -49,6 +49,22 @@ def test_lake_counts_and_alphabets(lake: dict, data_dir: Path) -> None:
     assert not {c.split("/")[0] for c in lake["train"].classes} & (evaluation | set(LAKE_VAL_ALPHABETS))
 
 
+def test_lake_rotated_adds_three_turned_copies_of_each_training_character(lake: dict, data_dir: Path, cache_dir: Path) -> None:
+    rotated = load_omniglot(data_dir, "lake_rotated", 28, cache_dir)
+    assert {p: len(s.classes) for p, s in rotated.items()} == {"train": 3224, "val": 158, "test": 659}
+    for part in ("val", "test"):
+        assert rotated[part].classes == lake[part].classes
+        assert np.array_equal(rotated[part].images, lake[part].images)
+    start, name = lake["train"].starts[7], lake["train"].classes[7]
+    drawings = lake["train"].images[start: start + 20]
+    for turns in (0, 1, 2, 3):
+        label = name if turns == 0 else f"{name}/rot{90 * turns:03d}"
+        c = rotated["train"].classes.index(label)
+        turned = rotated["train"].images[rotated["train"].starts[c]: rotated["train"].starts[c] + 20]
+        assert np.array_equal(turned, np.rot90(drawings, turns, axes=(-2, -1)))
+        assert not turns or not np.array_equal(turned, drawings)
+
+
 @pytest.mark.parametrize("split", ["vinyals", "lake"])
 def test_splits_disjoint(split: str, request: pytest.FixtureRequest) -> None:
     parts = request.getfixturevalue(split)

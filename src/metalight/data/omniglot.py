@@ -15,6 +15,9 @@ Splits:
 - "lake": the original protocol: evaluation alphabets (659 characters) for testing, background alphabets
   for training, minus the five background alphabets in LAKE_VAL_ALPHABETS (158 characters) held out for
   validation: 806/158/659 classes, no rotations.
+- "lake_rotated": the "lake" split whose training characters also count rotated by 90, 180 and 270 degrees
+  as classes of their own (Vinyals et al.'s way of growing the training classes): 3224/158/659 classes. Only
+  training grows: validation and test, and Lake's one-shot runs, keep the upright drawings.
 
 All 1623 characters are decoded once into one cache shared by both splits; rotations are applied when a
 split is loaded (np.rot90, cheap).
@@ -42,7 +45,7 @@ from metalight.data.images import (
 )
 from metalight.errors import DataError
 
-SPLITS = ("vinyals", "lake")
+SPLITS = ("vinyals", "lake", "lake_rotated")
 INVERT = True  # strokes bright (255) on a dark background (0): the files hold dark strokes on white
 ARCHIVES = ("images_background", "images_evaluation")
 LAKE_VAL_ALPHABETS = (
@@ -134,8 +137,11 @@ def _vinyals_classes(folder: Path, part: str, known: dict[str, list[ImageRef]]) 
     return classes
 
 
-def _lake_classes(archive_of: dict[str, str]) -> dict[str, list[tuple[str, str, int]]]:
-    """Train/val/test classes of the Lake protocol: background alphabets (some held out for val) vs evaluation."""
+def _lake_classes(archive_of: dict[str, str], rotate_train: bool) -> dict[str, list[tuple[str, str, int]]]:
+    """Train/val/test classes of the Lake protocol: background alphabets (some held out for val) vs evaluation.
+
+    rotate_train: each training character also gives three rotated classes, `<character>/rotDDD`.
+    """
     parts: dict[str, list[tuple[str, str, int]]] = {"train": [], "val": [], "test": []}
     for character in sorted(archive_of):
         if archive_of[character] == "images_evaluation":
@@ -143,6 +149,8 @@ def _lake_classes(archive_of: dict[str, str]) -> dict[str, list[tuple[str, str, 
         else:
             part = "val" if character.split("/")[0] in LAKE_VAL_ALPHABETS else "train"
         parts[part].append((character, character, 0))
+        if part == "train" and rotate_train:
+            parts[part] += [(f"{character}/rot{90 * k:03d}", character, k) for k in (1, 2, 3)]
     return parts
 
 
@@ -165,7 +173,7 @@ def load_omniglot(
     if split == "vinyals":
         parts = {part: _vinyals_classes(folder, part, characters) for part in ("train", "val", "test")}
     else:
-        parts = _lake_classes(archive_of)
+        parts = _lake_classes(archive_of, rotate_train=split == "lake_rotated")
     per_class = check_equal_counts(characters, f"Omniglot in {folder}")
     names = sorted(characters)
     key = {
