@@ -53,8 +53,21 @@ class TaskKind:
         return TaskKind(self.name, self.metric, self.higher_is_better, loss, self.score)
 
 
+def policy_gradient_loss(log_probs: Tensor, advantages: Tensor) -> Tensor:
+    """REINFORCE's surrogate: minus the mean over time steps of log pi(a|s) times the (constant) advantage."""
+    return -(log_probs * advantages).mean()
+
+
+def average_return(rewards: Tensor, mask: Tensor) -> Tensor:
+    """The undiscounted return of each rollout (rewards [..., T] of its live steps, mask [..., T]) averaged over the rollouts."""
+    return (rewards * mask).sum(-1).mean()
+
+
 CLASSIFICATION = TaskKind("classification", "acc", True, F.cross_entropy, accuracy)
 REGRESSION = TaskKind("regression", "mse", False, mean_squared_error, mean_squared_error)
+# reinforcement learning (tasks/rl.py): a learner samples its own rollouts, so only RL learners take it
+# (algo=maml_rl); it is not in KINDS, the kinds every gradient-based learner takes by default
+REINFORCEMENT = TaskKind("reinforcement", "return", True, policy_gradient_loss, average_return)
 KINDS = {kind.name: kind for kind in (CLASSIFICATION, REGRESSION)}
 
 REGRESSION_LOSSES: dict[str, LossFn] = {"mse": mean_squared_error, "l1": lambda p, t: (p - t).abs().mean(), "huber": F.huber_loss}
