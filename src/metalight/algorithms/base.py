@@ -78,6 +78,7 @@ def mean_and_ci95(total: float, total_sq: float, n: int) -> tuple[float, float]:
 LEARNERS_OF_KIND = {
     "regression": "a gradient-based learner (algo=maml, fomaml, reptile, anil, metasgd, mamlpp, pretrained) or algo=cnp",
     "classification": "any learner but algo=cnp",
+    "reinforcement": "algo=maml_rl",
 }
 
 
@@ -198,6 +199,10 @@ class EpisodicModule(pl.LightningModule):
 
     def batch_size_of(self, batch: dict[str, Tensor]) -> int:
         """What a training batch holds, in the unit of throughput_metric (tasks of a meta-batch)."""
+        return batch["support_x"].shape[0]
+
+    def tasks_in(self, batch: dict[str, Tensor]) -> int:
+        """Tasks in a validation or test batch (their support sets; an RL learner counts task parameters)."""
         return batch["support_x"].shape[0]
 
     def path(self) -> TaskPath:
@@ -364,7 +369,7 @@ class EpisodicModule(pl.LightningModule):
         if self._eval_sums is None:
             self._start_eval()
         # eval tasks are dealt round-robin (rank r holds tasks r, r+W, ...): number them globally
-        n_tasks = batch["support_x"].shape[0]
+        n_tasks = self.tasks_in(batch)
         task_ids = [(self._eval_seen + j) * self.world_size + self.global_rank for j in range(n_tasks)]
         keep = stream == "test" and self.keep_test_logits
         outcome = self.evaluate_tasks(batch, stream, task_ids, keep_logits=keep)

@@ -148,7 +148,7 @@ class ValidationTaskImage(Callback):
 
     def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         """Keep task 0 of the first batch (already on the device and normalized)."""
-        images = batch["support_x"].dim() == 5  # [B, N*K, C, H, W]: image classification tasks
+        images = "support_x" in batch and batch["support_x"].dim() == 5  # [B, N*K, C, H, W]: image classification tasks (not RL's task parameters)
         if batch_idx == 0 and images and trainer.is_global_zero and not trainer.sanity_checking:
             self._task = {k: v[:1].detach().clone() for k, v in batch.items()}
 

@@ -1,0 +1,202 @@
+"""MAML for reinforcement learning (Finn et al. 2017, §5.3): an inner vanilla policy gradient per task, a TRPO outer step through it.
+
+A meta-batch holds task parameters (goals); the learner rolls out itself, all tasks and all rollouts in
+one vector environment (tasks/rl.py). Per task: `rollouts` episodes with the meta-policy, advantages from
+GAE on a linear feature baseline fitted to them, `inner_steps` VPG steps of `inner_lr` on REINFORCE's
+surrogate (the adapted weights keep their graph to the meta-parameters: second order unless first_order),
+new episodes with the adapted policy, and on those the outer surrogate -mean(pi/pi_old * advantage). Its
+meta-gradient is left in .grad; the outer optimizer (algo.optimizer: TRPO by default, as pytorch-maml-rl's
+MAMLTRPO, or any torch optimizer) takes the step, with the mean KL between the adapted policies before
+and after it as TRPO's trust region. The adapted weights are per task: every policy call is
+`torch.func.vmap` over tasks of `functional_call`, and since task b's surrogate depends on its own slice
+of the weights only, one autograd call on the sum of the tasks' surrogates gives every task's inner gradient.
+
+Validation and test score each fixed task's return with the meta-policy (step 0), then after each of
+`eval_inner_steps` VPG steps of `eval_inner_lr` (Finn et al. Fig. 5: 0-3). inner_steps=0 is the
+"pretrained" baseline (one policy trained on all tasks, fine-tuned at test); trainer.max_steps=0 the
+"random" one (the untrained policy fine-tuned).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from metalight.algorithms.base import EpisodicModule, OptimizerFactory, SchedulerFactory
+from metalight.algorithms.functional import InnerLoop, Params, TaskOutcome, split_state
+from metalight.algorithms.policy_gradient import Rollouts, advantages, gaussian_kl, gaussian_log_prob, sample_rollouts
+from metalight.algorithms.trpo import TRPO, TrustRegionProblem
+from metalight.errors import ConfigError
+from metalight.tasks.kinds import TaskKind
+from metalight.tasks.rl import TaskEnvironment
+
+
+class MAMLRL(EpisodicModule):
+    """MAML-TRPO (second order unless first_order) with a VPG inner loop on rollouts it samples itself (algo=maml_rl)."""
+
+    task_kinds = ("reinforcement",)
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inner_lr: float = 0.1,
+        inner_steps: int = 1,
+        eval_inner_steps: int = 3,
+        eval_inner_lr: float | None = None,
+        first_order: bool = False,
+        gamma: float = 0.99,
+        gae_lambda: float = 1.0,
+        baseline_reg: float = 1e-5,
+        normalize_advantages: bool = True,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+        gradient_clip_val: float | None = None,
+        max_nonfinite_steps: int = 10,
+    ) -> None:
+        super().__init__(model, optimizer, scheduler, gradient_clip_val, "vmap", max_nonfinite_steps)
+        self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
+        for name, value in (("gamma", gamma), ("gae_lambda", gae_lambda)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise ConfigError(f"algo.{name}={value!r} is not valid: use a number in [0, 1] (Finn et al.: gamma 0.99, lambda 1.0).")
+        self.train_loop = InnerLoop(steps=inner_steps, lr=inner_lr, first_order=first_order)
+        self.eval_loop = InnerLoop(steps=eval_inner_steps, lr=inner_lr if eval_inner_lr is None else eval_inner_lr)
+        self.gamma, self.gae_lambda, self.baseline_reg, self.normalize_advantages = gamma, gae_lambda, baseline_reg, normalize_advantages
+        self.environment: TaskEnvironment | None = None
+
+    def default_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        """TRPO with Finn et al.'s settings (KL <= 0.01)."""
+        return TRPO(params)
+
+    def use_task_kind(self, kind: TaskKind) -> None:
+        """Take the RL tasks' environment, checking that the policy reads its observations and outputs (mean, std) of its actions."""
+        super().use_task_kind(kind)
+        environment = getattr(kind, "environment", None)
+        if environment is None:
+            raise ConfigError("algo=maml_rl needs tasks with an environment: use data=navigation2d.")
+        probe = torch.zeros(1, environment.observation_dim, device=self.device)
+        try:
+            with torch.no_grad():
+                mean, std = self.model(probe)
+        except (RuntimeError, TypeError, ValueError) as error:
+            raise ConfigError(
+                f"the policy ({type(self.model).__name__}) cannot act in data.env={environment.name}, whose observations have "
+                f"{environment.observation_dim} numbers ({str(error).splitlines()[0]}): set model.in_features={environment.observation_dim}, or use model=gaussian_mlp."
+            ) from None
+        if mean.shape[-1] != environment.action_dim or std.shape[-1] != environment.action_dim:
+            raise ConfigError(
+                f"the policy outputs {mean.shape[-1]} action dimensions but data.env={environment.name} takes {environment.action_dim}: "
+                f"set model.out_features={environment.action_dim}."
+            )
+        self.environment = environment
+
+    def batch_size_of(self, batch: dict[str, Tensor]) -> int:
+        """Tasks in a meta-batch."""
+        return batch["tasks"].shape[0]
+
+    def tasks_in(self, batch: dict[str, Tensor]) -> int:
+        """Tasks in an evaluation batch."""
+        return batch["tasks"].shape[0]
+
+    # ---- the policy and its rollouts -------------------------------------------------------------
+    def policy(self, params: Params, observations: Tensor) -> tuple[Tensor, Tensor]:
+        """Each task's policy (weights [B, ...]) at its observations [B, ...]: mean [B, ..., A] and std broadcastable to it."""
+        mean, std = torch.func.vmap(lambda p, o: functional_call(self.model, p, (o,)))(params, observations)
+        return mean, std.view(std.shape[0], *[1] * (mean.dim() - 2), std.shape[-1])
+
+    def rollouts(self, params: Params, batch: dict[str, Tensor], phase: int, rollouts: int) -> Rollouts:
+        """Episodes of every task under its policy (no gradient), its noise fixed by the task's seed and `phase`."""
+        frozen = {k: v.detach() for k, v in params.items()}
+        return sample_rollouts(self.environment, lambda o: self.policy(frozen, o), batch["tasks"], batch["seeds"], phase, rollouts)
+
+    def advantages(self, rollouts: Rollouts) -> Tensor:
+        """Normalized GAE advantages [B, R, T] on the per-task linear baseline."""
+        return advantages(rollouts, self.gamma, self.gae_lambda, self.baseline_reg, self.normalize_advantages)
+
+    def inner_step(self, params: Params, rollouts: Rollouts, advantage: Tensor, lr: float, create_graph: bool) -> Params:
+        """One VPG step per task: w_b - lr * grad of task b's REINFORCE surrogate (the gradient differentiable in the weights when create_graph)."""
+        # first order: the gradient is taken at a detached copy (a constant), the step stays differentiable in the weights
+        at = params if create_graph else {k: v.detach().requires_grad_() for k, v in params.items()}
+        with torch.enable_grad():
+            mean, std = self.policy(at, rollouts.observations)
+            losses = torch.vmap(self.task_kind.loss)(gaussian_log_prob(mean, std, rollouts.actions), advantage)
+            grads = torch.autograd.grad(losses.sum(), tuple(at.values()), create_graph=create_graph)
+        return {k: p - lr * g for (k, p), g in zip(params.items(), grads)}
+
+    def per_task(self, params: Params, n_tasks: int) -> Params:
+        """The meta-parameters repeated for each task ([B, ...] views: gradients sum back into them)."""
+        return {k: v.unsqueeze(0).expand(n_tasks, *v.shape) for k, v in params.items()}
+
+    def score(self, rollouts: Rollouts) -> Tensor:
+        """Each task's average return [B]."""
+        return torch.vmap(self.task_kind.score)(rollouts.rewards, rollouts.mask)
+
+    # ---- meta-training ---------------------------------------------------------------------------
+    def adapt_on(self, params: Params, support: list[tuple[Rollouts, Tensor]], create_graph: bool) -> Params:
+        """The weights after one VPG step on each of the given (rollouts, advantages), in order."""
+        for rollouts, advantage in support:
+            params = self.inner_step(params, rollouts, advantage, self.train_loop.lr, create_graph)
+        return params
+
+    def surrogate(self, params: Params, query: Rollouts, advantage: Tensor, old: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """Per-task outer surrogate -mean(pi/pi_old * A) [B] and mean KL(pi || pi_old) over live steps [B], old = (log-probs, mean, std)."""
+        mean, std = self.policy(params, query.observations)
+        ratio = (gaussian_log_prob(mean, std, query.actions) - old[0]).exp()
+        losses = torch.vmap(self.task_kind.loss)(ratio, advantage)
+        kl = (gaussian_kl(mean, std, old[1], old[2]) * query.mask).flatten(1).sum(1) / query.mask.flatten(1).sum(1).clamp(min=1)
+        return losses, kl
+
+    def compute_meta_gradient(self, batch: dict[str, Tensor], measure: bool) -> TaskOutcome:
+        """Roll out, adapt, roll out again, leave the surrogate's meta-gradient in .grad and hand TRPO its trust-region problem."""
+        theta, _ = split_state(self.model)
+        n_tasks = self.batch_size_of(batch)
+        loop = self.train_loop
+        params, support, returns = self.per_task(theta, n_tasks), [], []
+        for step in range(loop.steps):
+            rollouts = self.rollouts(params, batch, step, self.environment.rollouts)
+            support.append((rollouts, self.advantages(rollouts)))
+            returns.append(self.score(rollouts))
+            params = self.inner_step(params, *support[-1], loop.lr, create_graph=not loop.first_order)
+        query = self.rollouts(params, batch, loop.steps, self.environment.rollouts)
+        returns.append(self.score(query))
+        query_advantage = self.advantages(query)
+        with torch.no_grad():
+            mean, std = self.policy(params, query.observations)
+            old = (gaussian_log_prob(mean, std, query.actions), mean, std)
+        losses, kl = self.surrogate(params, query, query_advantage, old)
+        loss = losses.mean()
+        self.manual_backward(loss, retain_graph=True)  # TRPO differentiates the KL, which shares this graph
+
+        optimizer = self.optimizers().optimizer if self._trainer is not None else None
+        if isinstance(optimizer, TRPO):
+
+            def evaluate() -> tuple[Tensor, Tensor]:
+                adapted = self.adapt_on(self.per_task(split_state(self.model)[0], n_tasks), support, create_graph=False)
+                with torch.no_grad():
+                    losses, kl = self.surrogate(adapted, query, query_advantage, old)
+                return losses.mean(), kl.mean()
+
+            average = lambda tensor: self.trainer.strategy.reduce(tensor, reduce_op="mean")  # noqa: E731
+            optimizer.problem = TrustRegionProblem(average(loss.detach()), kl.mean(), evaluate, average)
+        return TaskOutcome(losses.detach(), torch.stack(returns, 1), {}, losses.new_zeros(0))
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        """The base meta-step, then TRPO's diagnostics (KL of the step, accepted fraction of the full step)."""
+        super().training_step(batch, batch_idx)
+        optimizer = self.optimizers().optimizer
+        if isinstance(optimizer, TRPO) and optimizer.last:
+            self.log_dict({f"train/trpo_{k}": v for k, v in optimizer.last.items()}, on_step=True, on_epoch=False, batch_size=self.batch_size_of(batch))
+
+    # ---- evaluation ------------------------------------------------------------------------------
+    def evaluate_tasks(self, batch: dict[str, Tensor], stream: str, task_ids: list[int], keep_logits: bool = False) -> TaskOutcome:
+        """Each task's return before adaptation and after each of eval_inner_steps VPG steps, scores [B, steps + 1]; loss: minus the last return."""
+        theta = {k: v.detach() for k, v in split_state(self.model)[0].items()}
+        loop, n_tasks = self.eval_loop, self.tasks_in(batch)
+        params, scores = self.per_task(theta, n_tasks), []
+        for step in range(loop.steps + 1):
+            rollouts = self.rollouts(params, batch, step, self.environment.eval_rollouts)
+            scores.append(self.score(rollouts))
+            if step < loop.steps:
+                params = {k: v.detach() for k, v in self.inner_step(params, rollouts, self.advantages(rollouts), loop.lr, create_graph=False).items()}
+        returns = torch.stack(scores, 1)
+        return TaskOutcome(-returns[:, -1], returns, {}, returns.new_zeros(0))
