@@ -34,8 +34,9 @@ def test_experiment_composes_and_instantiates(compose_train, experiment):
     algorithm = instantiate(cfg.algo, model=instantiate(cfg.model))
     # images per class (generated regression tasks have as many points as asked for)
     smallest = {"omniglot": 20, "folder": 20, "cub": 41, "tiered_imagenet": 732}.get(cfg.data.get("dataset"), 600 if "dataset" in cfg.data else float("inf"))
-    assert datamodule.k_shot + datamodule.k_query <= smallest
-    assert datamodule.k_shot_train + datamodule.k_query_train <= smallest
+    if hasattr(datamodule, "k_shot"):  # RL tasks (data=navigation2d) have rollouts instead of points
+        assert datamodule.k_shot + datamodule.k_query <= smallest
+        assert datamodule.k_shot_train + datamodule.k_query_train <= smallest
     if "eval_inner_steps" in cfg.algo:  # learners with an inner loop (not ProtoNets)
         assert algorithm.eval_loop.steps == cfg.algo.eval_inner_steps
 
