@@ -159,17 +159,29 @@ def test_conjugate_gradient_solves_a_symmetric_positive_definite_system() -> Non
     assert not torch.allclose(conjugate_gradient(lambda v: a @ v, b, iterations=1), torch.linalg.solve(a, b), atol=1e-3)
 
 
-def test_maml_rl_learns_navigation_beyond_the_untrained_policy(compose_generated) -> None:
-    """A few TRPO meta-steps raise the return after one inner step on the same 20 test goals, by a margin."""
+def test_maml_rl_learns_navigation_beyond_the_untrained_policy(compose_generated, tmp_path) -> None:
+    """A few TRPO meta-steps raise the return after one inner step on the same 20 test goals, by a margin; TensorBoard gets the curves and trajectories."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from metalight.visualization import read_scalars
+
     scores = {}
     for name, steps in (("trained", 8), ("untrained", 0)):
-        cfg = compose_generated(*SMALL, f"trainer.max_steps={steps}", "data.batches_per_epoch=8", "data.meta_batch_size=5", "data.rollouts=5", folder=name)
+        cfg = compose_generated(
+            *SMALL, f"trainer.max_steps={steps}", "data.batches_per_epoch=8", "data.meta_batch_size=5", "data.rollouts=5",
+            f"logger={'tensorboard' if steps else 'csv'}", folder=name,
+        )
         metrics, objects = train(cfg)
         assert objects["algorithm"].task_kind.name == REINFORCEMENT.name and objects["trainer"].global_step == steps
         scores[name] = [metrics[f"test/return_step{k}"] for k in range(4)]
         assert metrics["test/return"] == scores[name][-1] and math.isfinite(metrics["test/return_ci95"])
     trained, untrained = scores["trained"], scores["untrained"]
     assert trained[1] > untrained[1] + 10, (trained, untrained)
+    run = tmp_path / "trained" / "run"
+    events = EventAccumulator(str(next(run.rglob("events.out.tfevents.*")).parent), size_guidance={"images": 0})
+    events.Reload()
+    assert "val_navigation/trajectories" in events.Tags()["images"]
+    assert {f"val/return_step{k}" for k in range(4)} | {"train/return", "train/return_before", "train/trpo_kl"} <= set(read_scalars(run))
 
 
 @pytest.mark.parametrize(

@@ -189,14 +189,20 @@ class MAMLRL(EpisodicModule):
 
     # ---- evaluation ------------------------------------------------------------------------------
     def evaluate_tasks(self, batch: dict[str, Tensor], stream: str, task_ids: list[int], keep_logits: bool = False) -> TaskOutcome:
-        """Each task's return before adaptation and after each of eval_inner_steps VPG steps, scores [B, steps + 1]; loss: minus the last return."""
+        """Each task's return before adaptation and after each of eval_inner_steps VPG steps, scores [B, steps + 1]; loss: minus the last return.
+
+        keep_logits: also return the episodes' observations after every step, [B, steps + 1, R, T, O] (the
+        trajectories the navigation figure draws).
+        """
         theta = {k: v.detach() for k, v in split_state(self.model)[0].items()}
         loop, n_tasks = self.eval_loop, self.tasks_in(batch)
-        params, scores = self.per_task(theta, n_tasks), []
+        params, scores, observations = self.per_task(theta, n_tasks), [], []
         for step in range(loop.steps + 1):
             rollouts = self.rollouts(params, batch, step, self.environment.eval_rollouts)
             scores.append(self.score(rollouts))
+            if keep_logits:
+                observations.append(rollouts.observations)
             if step < loop.steps:
                 params = {k: v.detach() for k, v in self.inner_step(params, rollouts, self.advantages(rollouts), loop.lr, create_graph=False).items()}
         returns = torch.stack(scores, 1)
-        return TaskOutcome(-returns[:, -1], returns, {}, returns.new_zeros(0))
+        return TaskOutcome(-returns[:, -1], returns, {}, torch.stack(observations, 1) if keep_logits else returns.new_zeros(0))
