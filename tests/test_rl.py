@@ -192,6 +192,7 @@ def test_maml_rl_learns_navigation_beyond_the_untrained_policy(compose_generated
         (["model.out_features=3"], "the policy outputs 3 action dimensions but data.env=navigation2d takes 2: set model.out_features=2"),
         (["model.in_features=5"], "set model.in_features=2"),
         (["data.env=cheetah"], "data.env='cheetah' is not known: use one of navigation2d"),
+        (["model=mlp"], "algo=maml_rl needs a Gaussian policy returning (mean, std), but MLP does not: use model=gaussian_mlp"),
         (["algo=maml"], "gives reinforcement tasks: choose algo=maml_rl"),
         (["data.env_options.goal_range=[0.5,-0.5]"], "data.env_options.goal_range=[0.5, -0.5] must be [low, high]"),
     ],

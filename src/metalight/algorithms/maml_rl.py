@@ -77,12 +77,15 @@ class MAMLRL(EpisodicModule):
         probe = torch.zeros(1, environment.observation_dim, device=self.device)
         try:
             with torch.no_grad():
-                mean, std = self.model(probe)
+                output = self.model(probe)
         except (RuntimeError, TypeError, ValueError) as error:
             raise ConfigError(
                 f"the policy ({type(self.model).__name__}) cannot act in data.env={environment.name}, whose observations have "
                 f"{environment.observation_dim} numbers ({str(error).splitlines()[0]}): set model.in_features={environment.observation_dim}, or use model=gaussian_mlp."
             ) from None
+        if not (isinstance(output, tuple) and len(output) == 2):
+            raise ConfigError(f"algo=maml_rl needs a Gaussian policy returning (mean, std), but {type(self.model).__name__} does not: use model=gaussian_mlp.")
+        mean, std = output
         if mean.shape[-1] != environment.action_dim or std.shape[-1] != environment.action_dim:
             raise ConfigError(
                 f"the policy outputs {mean.shape[-1]} action dimensions but data.env={environment.name} takes {environment.action_dim}: "
