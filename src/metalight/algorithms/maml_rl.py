@@ -74,7 +74,8 @@ class MAMLRL(EpisodicModule):
         environment = getattr(kind, "environment", None)
         if environment is None:
             raise ConfigError("algo=maml_rl needs tasks with an environment: use data=navigation2d.")
-        probe = torch.zeros(1, environment.observation_dim, device=self.device)
+        weight = next(self.model.parameters(), None)
+        probe = torch.zeros(1, environment.observation_dim, device=self.device, dtype=weight.dtype if weight is not None else None)
         try:
             with torch.no_grad():
                 output = self.model(probe)
