@@ -184,6 +184,18 @@ def test_maml_rl_learns_navigation_beyond_the_untrained_policy(compose_generated
     assert {f"val/return_step{k}" for k in range(4)} | {"train/return", "train/return_before", "train/trpo_kl"} <= set(read_scalars(run))
 
 
+def test_a_missing_rl_extra_is_named(monkeypatch) -> None:
+    import metalight.tasks.rl as rl
+    from metalight.errors import ConfigError
+
+    def missing() -> dict:
+        raise ImportError("No module named 'gymnasium'", name="gymnasium")
+
+    monkeypatch.setattr(rl, "_environments", missing)
+    with pytest.raises(ConfigError, match=r"data.env=navigation2d needs the `rl` extra \(gymnasium is not installed\): pip install -e '.\[rl\]'"):
+        RLDataModule()
+
+
 @pytest.mark.parametrize(
     "overrides, expected",
     [
