@@ -27,10 +27,11 @@ class Navigation2DEnv(VectorEnv):  # type: ignore[misc]
     """num_envs points in the plane, each with its own goal: cbfinn/maml_rl's PointEnvRandGoal, vectorized.
 
     Each episode starts at the origin; an action (a velocity) is clipped to [-max_action, max_action]^2 and
-    added to the position (with normalized_actions, as the authors' rllab normalize() wrapper, the policy acts
-    in [-1, 1]^2: its action is first multiplied by max_action; pytorch-maml-rl applies it unscaled), the reward is minus the Euclidean distance to the goal, and an episode ends
+    added to the position, the reward is minus the Euclidean distance to the goal, and an episode ends
     (terminated) once both coordinates are within 0.01 of the goal, as the authors' and pytorch-maml-rl's
-    environments do, or (truncated) after `horizon` steps. Goals are set at reset, one row per copy:
+    environments do, or (truncated) after `horizon` steps. With normalized_actions (the authors' rllab
+    normalize() wrapper) the policy acts in [-1, 1]^2: its action is multiplied by max_action before the
+    clip; without, it is clipped as it is (pytorch-maml-rl). goal_range is the task distribution (draw_task). Goals are set at reset, one row per copy:
     `reset(options={"tasks": goals})`. Observations are the positions. Tensors in, tensors out
     (on the goals' device); nothing resets by itself (autoreset disabled): the sampler masks finished episodes.
     """
