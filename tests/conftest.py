@@ -1,5 +1,7 @@
 """Shared fixtures: where the real data lives, and a switch for slow tests."""
 
+import contextlib
+import logging
 import os
 from pathlib import Path
 
@@ -9,11 +11,14 @@ _SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Under pytest-xdist (`make test`: a worker per core), one torch thread per worker: the workers already fill the cores."""
+    """Under pytest-xdist (`make test`: a worker per core), one torch thread per worker and per process a test starts
+    (train.py runs, DDP ranks, notebook kernels): the workers already fill the cores, and more threads than cores
+    slow every process down."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         import torch
 
         torch.set_num_threads(1)
+        os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def _data_root() -> Path | None:
@@ -101,6 +106,62 @@ def compose_train(compose_in, tmp_path: Path):
 
     yield lambda *overrides, **options: compose_in(tmp_path, *overrides, **options)
     GlobalHydra.instance().clear()
+
+
+@contextlib.contextmanager
+def _logging_restored():
+    """Undo the logging set-up of a Hydra run in this process (handlers on captured streams and run folders, levels)."""
+    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
+    saved = [(lg, lg.handlers[:], lg.level, lg.propagate, lg.disabled) for lg in loggers]
+    try:
+        yield
+    finally:
+        for lg, handlers, level, propagate, disabled in saved:
+            for handler in set(lg.handlers) - set(handlers):
+                handler.close()
+            lg.handlers[:] = handlers
+            lg.level, lg.propagate, lg.disabled = level, propagate, disabled
+
+
+@pytest.fixture
+def train_py_in_process(monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture, cache_dir: Path):
+    """run(data_dir, log_dir, *args) -> (exit status, stdout + stderr): `python train.py args` in this process.
+
+    The same entry point as the command line (Hydra's parsing and composition, then train.py's wrapper of
+    errors) without starting a process that imports torch and Lightning again: for the many one-line-error
+    cases. An exception that escapes the wrapper fails the test with its traceback, as a real run would show it.
+    """
+    import importlib.util
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    spec = importlib.util.spec_from_file_location("train_entry_point", Path(__file__).resolve().parents[1] / "train.py")
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    # Hydra finds config_path="conf" beside the file of a task function defined in __main__, as when run as a script
+    entry.main.__wrapped__.__module__ = "__main__"
+
+    def run(data_dir: Path, log_dir: Path, *args: str) -> tuple[int, str]:
+        with _logging_restored():
+            return _run(data_dir, log_dir, *args)
+
+    def _run(data_dir: Path, log_dir: Path, *args: str) -> tuple[int, str]:
+        GlobalHydra.instance().clear()
+        monkeypatch.setenv("DATA_DIR", str(data_dir))
+        monkeypatch.setenv("METALIGHT_CACHE", str(cache_dir))
+        monkeypatch.setattr("sys.argv", ["train.py", f"paths.log_dir={log_dir}", "trainer.accelerator=cpu", *args])
+        capfd.readouterr()
+        try:
+            entry.main()
+            status = 0
+        except SystemExit as stopped:
+            status = stopped.code if isinstance(stopped.code, int) else 1
+        finally:
+            GlobalHydra.instance().clear()
+        captured = capfd.readouterr()
+        return status, captured.out + captured.err
+
+    return run
 
 
 @pytest.fixture

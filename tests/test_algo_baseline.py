@@ -1,9 +1,5 @@
 """algo=baseline: the heads fitted per task (deterministic, they separate what is separable), pretraining, and bad input."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +12,6 @@ from metalight.errors import ConfigError
 from metalight.runs.training import build, train
 from synthetic_data import write_folder
 
-ROOT = Path(__file__).resolve().parents[1]
 N_WAY, SHOTS, QUERIES, DIM = 4, 3, 5, 6
 
 
@@ -131,18 +126,15 @@ def test_an_unknown_head_is_one_clear_error(compose_train):
         build(compose_train("algo=baseline", "algo.head=svm"))
 
 
-@pytest.mark.slow
-def test_no_training_classes_is_one_line_exit_status_2_and_nothing_written(tmp_path, cache_dir):
+def test_no_training_classes_is_one_line_exit_status_2_and_nothing_written(tmp_path, train_py_in_process):
     root = write_folder(tmp_path / "images", {"a": 3, "b": 3, "c": 3})
     for part, names in (("train", "a"), ("val", "b"), ("test", "c")):
         (root / f"{part}.txt").write_text(names + "\n")
-    env = dict(os.environ, METALIGHT_CACHE=str(cache_dir), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    command = [sys.executable, str(ROOT / "train.py"), "algo=baseline", "data=folder", f"data.root={root}", "data.split=lists",
-               f"paths.log_dir={tmp_path / 'logs'}", "trainer.accelerator=cpu", "model=conv4_strided", "data.n_way=1",
-               "data.num_workers=0", "data.persistent_workers=false", "data.image_size=8"]
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    output = result.stdout + result.stderr
-    assert result.returncode == 2, output[-2000:]
+    status, output = train_py_in_process(
+        tmp_path, tmp_path / "logs", "algo=baseline", "data=folder", f"data.root={root}", "data.split=lists",
+        "model=conv4_strided", "data.n_way=1", "data.num_workers=0", "data.persistent_workers=false", "data.image_size=8",
+    )
+    assert status == 2, output[-2000:]
     assert "data.train_mode=flat (algo=baseline) pretrains a classifier over the training classes, but the train split" in output
     assert "Traceback" not in output and len([line for line in output.splitlines() if "Error" in line]) == 1
     assert not list(tmp_path.glob("logs/*/runs/*")), "the stopped run left its folder behind"

@@ -4,7 +4,6 @@ import errno
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +13,6 @@ from metalight.runs.checkpoint_io import AtomicCheckpointIO, ensure_writable
 from metalight.runs.checkpoints import load_checkpoint
 from metalight.errors import CheckpointError, ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _checkpoint(value: float) -> dict:
@@ -106,15 +104,10 @@ def test_ensure_writable_rejects_read_only_folder(tmp_path):
         ensure_writable(locked / "run")
 
 
-@pytest.mark.slow
-def test_cli_unwritable_log_dir_is_one_clear_line(tmp_path):
+def test_cli_unwritable_log_dir_is_one_clear_line(tmp_path, train_py_in_process):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), f"paths.log_dir={blocker / 'logs'}", "debug=fast_dev_run"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 2, output[-2000:]
+    status, output = train_py_in_process(tmp_path, blocker / "logs", "debug=fast_dev_run")
+    assert status == 2, output[-2000:]
     assert "cannot write to" in output and "paths.log_dir" in output and str(blocker) in output
     assert "Traceback" not in output

@@ -1,9 +1,6 @@
 """data=folder: class folders or a zip, list and ratio splits, small classes, bad input, and Omniglot's Lake split as folders."""
 
 import logging
-import os
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -277,13 +274,10 @@ def test_omniglot_folders_give_the_lake_split_tasks(data_dir: Path, tmp_path: Pa
             assert torch.equal(mine["query_y"], theirs["query_y"])
 
 
-def test_train_py_reports_a_bad_folder_in_one_line(tmp_path: Path, cache_dir: Path) -> None:
+def test_train_py_reports_a_bad_folder_in_one_line(tmp_path: Path, train_py_in_process) -> None:
     lists = _lists(tmp_path / "lists", {**GOOD_LISTS, "val": ["animals/class9"]})
     write_folder(tmp_path / "images", TREE)
-    root = Path(__file__).resolve().parents[1]
-    args = ["data=folder", f"data.root={tmp_path / 'images'}", f"data.source.lists={lists}", "debug=fast_dev_run", f"paths.log_dir={tmp_path / 'logs'}"]
-    env = dict(os.environ, METALIGHT_CACHE=str(cache_dir), PYTHONUNBUFFERED="1")
-    result = subprocess.run([sys.executable, str(root / "train.py"), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    output = result.stdout + result.stderr
-    assert result.returncode == 2, output[-2000:]
+    args = ["data=folder", f"data.root={tmp_path / 'images'}", f"data.source.lists={lists}", "debug=fast_dev_run"]
+    status, output = train_py_in_process(tmp_path, tmp_path / "logs", *args)
+    assert status == 2, output[-2000:]
     assert "val.txt:2: class 'animals/class9' is not a class folder" in output and "Traceback" not in output

@@ -17,10 +17,13 @@ MIN_GAIN = {
     "anil": 0.15,  # 0.260 -> 0.589
     "metasgd": 0.08,  # 0.508 -> 0.681
     "mamlpp": 0.08,  # 0.483 -> 0.651
-    "protonet": 0.15,  # 0.555 -> 0.901 (inductive evaluation)
+    "protonet": 0.12,  # 0.555 -> 0.799 (20-way training tasks, inductive evaluation)
     "fomaml": 0.07,  # 0.508 -> 0.650
-    "reptile": 0.09,  # 0.326 -> 0.514 (persistent inner Adam)
+    "reptile": 0.09,  # 0.410 -> 0.613 (persistent inner Adam, 5 inner steps at test)
 }
+# cheaper training tasks than the quick experiment's where they still show learning: 20-way instead of
+# 60-way ProtoNet episodes
+CHEAPER = {"protonet": ["data.n_way_train=20"], "reptile": ["algo.eval_inner_steps=5"]}
 
 
 def short_run(compose_train, algo: str, *overrides: str) -> dict[str, float]:
@@ -37,7 +40,7 @@ def short_run(compose_train, algo: str, *overrides: str) -> dict[str, float]:
 @pytest.mark.slow
 @pytest.mark.parametrize("algo", sorted(MIN_GAIN))
 def test_a_short_run_beats_the_untrained_learner(compose_train, one_thread, algo):
-    untrained = short_run(compose_train, algo, "train=false")["test/acc"]
-    trained = short_run(compose_train, algo)["test/acc"]
+    untrained = short_run(compose_train, algo, "train=false", *CHEAPER.get(algo, []))["test/acc"]
+    trained = short_run(compose_train, algo, *CHEAPER.get(algo, []))["test/acc"]
     print(f"{algo}: untrained {untrained:.3f}, trained {trained:.3f}")
     assert trained > untrained + MIN_GAIN[algo], f"{algo}: {untrained:.3f} untrained, {trained:.3f} after {STEPS} steps"

@@ -1,4 +1,5 @@
-"""Every algorithm's train.py run killed with SIGKILL and resumed from its last.ckpt ends with the very state of an uninterrupted run.
+"""A train.py run killed with SIGKILL and resumed from its last.ckpt ends with the very state of an uninterrupted run,
+for each kind of state a learner keeps (ALGORITHMS).
 
 The killed runs are real `python train.py` processes, one per algorithm, started together; the resumed and the
 uninterrupted runs go through the same `train()` in this process (one thread everywhere, so the same arithmetic).
@@ -30,10 +31,11 @@ TINY = [
 ]
 # each algorithm with what makes its state worth resuming: learned step sizes (Meta-SGD, MAML++), per-step
 # BatchNorm weights and running statistics and the MSL epoch (MAML++), a learning-rate schedule (ProtoNets),
-# the inner Adam's moments and step count (Reptile)
+# the inner Adam's moments and step count (Reptile). Learners whose state is only weights and Adam's, like MAML's
+# (ANIL, FOMAML, the metric-based learners), are left out: each such run costs a process, and they are resumed
+# through the same code.
 ALGORITHMS = {
     "maml": ["algo=maml", "algo.eval_inner_steps=1"],
-    "anil": ["algo=anil", "algo.eval_inner_steps=1"],
     "metasgd": ["algo=metasgd"],
     "mamlpp": ["algo=mamlpp", "algo.inner_steps=2", "algo.eval_inner_steps=2", "algo.msl_epochs=2", "algo.transductive=false"],
     "protonet": ["algo=protonet", "algo.scheduler.step_size=3"],
