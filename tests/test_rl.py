@@ -150,6 +150,14 @@ def test_second_order_meta_gradient_matches_finite_differences() -> None:
         assert abs(first_order - numeric) > 1e-4 * abs(numeric), "the first-order gradient differs: the test sees the second-order term"
 
 
+def test_evaluation_steps_after_the_first_take_eval_inner_lr_later() -> None:
+    datamodule = module(horizon=20, rollouts=3)
+    batch = datamodule.tasks("val")[[(0, 0), (0, 1)]]
+    same = learner(datamodule, eval_inner_steps=2).evaluate_tasks(batch, "val", [0, 1]).scores
+    halved = learner(datamodule, eval_inner_steps=2, eval_inner_lr_later=0.05).evaluate_tasks(batch, "val", [0, 1]).scores
+    assert torch.equal(same[:, :2], halved[:, :2]) and not torch.equal(same[:, 2], halved[:, 2])
+
+
 def test_conjugate_gradient_solves_a_symmetric_positive_definite_system() -> None:
     g = torch.Generator().manual_seed(0)
     m = torch.randn(6, 6, generator=g, dtype=torch.float64)

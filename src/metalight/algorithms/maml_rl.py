@@ -12,7 +12,8 @@ and after it as TRPO's trust region. The adapted weights are per task: every pol
 of the weights only, one autograd call on the sum of the tasks' surrogates gives every task's inner gradient.
 
 Validation and test score each fixed task's return with the meta-policy (step 0), then after each of
-`eval_inner_steps` VPG steps of `eval_inner_lr` (Finn et al. Fig. 5: 0-3). inner_steps=0 is the
+`eval_inner_steps` VPG steps (Finn et al. Fig. 5: 0-3), the first of `eval_inner_lr`, the others of
+`eval_inner_lr_later` (the authors halve it). inner_steps=0 is the
 "pretrained" baseline (one policy trained on all tasks, fine-tuned at test); trainer.max_steps=0 the
 "random" one (the untrained policy fine-tuned).
 """
@@ -44,6 +45,7 @@ class MAMLRL(EpisodicModule):
         inner_steps: int = 1,
         eval_inner_steps: int = 3,
         eval_inner_lr: float | None = None,
+        eval_inner_lr_later: float | None = None,
         first_order: bool = False,
         gamma: float = 0.99,
         gae_lambda: float = 1.0,
@@ -61,6 +63,8 @@ class MAMLRL(EpisodicModule):
                 raise ConfigError(f"algo.{name}={value!r} is not valid: use a number in [0, 1] (Finn et al.: gamma 0.99, lambda 1.0).")
         self.train_loop = InnerLoop(steps=inner_steps, lr=inner_lr, first_order=first_order)
         self.eval_loop = InnerLoop(steps=eval_inner_steps, lr=inner_lr if eval_inner_lr is None else eval_inner_lr)
+        # evaluation steps after the first (Finn et al., A.2: "halving the learning rate after the first gradient step")
+        self.eval_lr_later = self.eval_loop.lr if eval_inner_lr_later is None else InnerLoop(steps=0, lr=eval_inner_lr_later).lr
         self.gamma, self.gae_lambda, self.baseline_reg, self.normalize_advantages = gamma, gae_lambda, baseline_reg, normalize_advantages
         self.environment: TaskEnvironment | None = None
 
@@ -193,7 +197,7 @@ class MAMLRL(EpisodicModule):
 
     # ---- evaluation ------------------------------------------------------------------------------
     def evaluate_tasks(self, batch: dict[str, Tensor], stream: str, task_ids: list[int], keep_logits: bool = False) -> TaskOutcome:
-        """Each task's return before adaptation and after each of eval_inner_steps VPG steps, scores [B, steps + 1]; loss: minus the last return.
+        """Each task's return before adaptation and after each of eval_inner_steps VPG steps (eval_inner_lr, then eval_inner_lr_later), scores [B, steps + 1]; loss: minus the last return.
 
         keep_logits: also return the episodes' observations after every step, [B, steps + 1, R, T, O] (the
         trajectories the navigation figure draws).
@@ -207,6 +211,7 @@ class MAMLRL(EpisodicModule):
             if keep_logits:
                 observations.append(rollouts.observations)
             if step < loop.steps:
-                params = {k: v.detach() for k, v in self.inner_step(params, rollouts, self.advantages(rollouts), loop.lr, create_graph=False).items()}
+                lr = loop.lr if step == 0 else self.eval_lr_later
+                params = {k: v.detach() for k, v in self.inner_step(params, rollouts, self.advantages(rollouts), lr, create_graph=False).items()}
         returns = torch.stack(scores, 1)
         return TaskOutcome(-returns[:, -1], returns, {}, torch.stack(observations, 1) if keep_logits else returns.new_zeros(0))
