@@ -1,9 +1,10 @@
 """Two CPU processes (DDP over gloo) train and validate MAML-RL exactly as one process does (TRPO included).
 
 Run as a script (`python tests/test_rl_ddp.py OUT_DIR`) it fits MAML-RL (second order, TRPO outer step; the
-first-order variant differs only in the inner step's graph, `first_order` in LEARNERS to add it) on data=navigation2d's data module with Trainer(strategy="ddp", devices=2): each rank rolls out
-its half of the meta-batch, the meta-gradient is averaged by DDP, and TRPO averages its Fisher-vector products and
-line-search values over the ranks. The test launches it, repeats the runs in one process, and compares.
+first-order variant differs only in the inner step's graph: add "first_order" to LEARNERS) on data=navigation2d's
+data module with Trainer(strategy="ddp", devices=2): each rank rolls out its half of the meta-batch, the
+meta-gradient is averaged by DDP, and TRPO averages its Fisher-vector products and line-search values over the
+ranks. The test launches it, repeats the runs in one process, and compares.
 """
 
 from __future__ import annotations
