@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -190,6 +191,22 @@ def test_maml_rl_learns_navigation_beyond_the_untrained_policy(compose_generated
     events.Reload()
     assert "val_navigation/trajectories" in events.Tags()["images"]
     assert {f"val/return_step{k}" for k in range(4)} | {"train/return", "train/return_before", "train/trpo_kl"} <= set(read_scalars(run))
+
+
+def test_a_stopped_run_resumes_to_the_weights_of_an_uninterrupted_one(compose_generated, tmp_path, caplog) -> None:
+    """Stopped after 2 of 4 meta-steps and restarted in its run folder (as a requeued job): the same weights bit for bit."""
+    tiny = ["experiment=quick_navigation2d", "data.horizon=20", "data.meta_batch_size=4", "data.rollouts=4", "data.n_val_tasks=4",
+            "data.eval_rollouts=4", "data.batches_per_epoch=2", "test=false", "logger=csv", "callbacks.last_checkpoint.every_n_steps=1"]
+    train(compose_generated(*tiny, "trainer.max_steps=4", folder="whole"))
+    train(compose_generated(*tiny, "trainer.max_steps=2", folder="resumed"))
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="metalight.runs.training")
+    _, objects = train(compose_generated(*tiny, "trainer.max_steps=4", folder="resumed"))
+    assert objects["trainer"].global_step == 4
+    assert any("Resuming from" in record.getMessage() for record in caplog.records), "the second half continued from last.ckpt"
+    whole = torch.load(tmp_path / "whole" / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    resumed = torch.load(tmp_path / "resumed" / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
 
 
 def test_a_missing_rl_extra_is_named(monkeypatch) -> None:
