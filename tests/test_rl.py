@@ -210,13 +210,12 @@ def test_a_stopped_run_resumes_to_the_weights_of_an_uninterrupted_one(compose_ge
 
 
 def test_a_missing_rl_extra_is_named(monkeypatch) -> None:
-    import metalight.tasks.rl as rl
+    import sys
+
     from metalight.errors import ConfigError
 
-    def missing() -> dict:
-        raise ImportError("No module named 'gymnasium'", name="gymnasium")
-
-    monkeypatch.setattr(rl, "_environments", missing)
+    monkeypatch.setitem(sys.modules, "gymnasium", None)  # as if not installed: importing it fails
+    monkeypatch.delitem(sys.modules, "metalight.tasks.navigation")  # imported again, without gymnasium
     with pytest.raises(ConfigError, match=r"data.env=navigation2d needs the `rl` extra \(gymnasium is not installed\): pip install -e '.\[rl\]'"):
         RLDataModule()
 

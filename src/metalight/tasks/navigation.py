@@ -15,15 +15,13 @@ from torch import Tensor
 
 from metalight.errors import ConfigError
 
-try:  # the `rl` extra (pip install -e '.[rl]'); tasks/rl.py names it when it is missing
-    import gymnasium
-    from gymnasium.vector import AutoresetMode, VectorEnv
-except ImportError:  # pragma: no cover - exercised only without the extra
-    gymnasium = None
-    VectorEnv = object  # type: ignore[misc,assignment]
+# the `rl` extra (pip install -e '.[rl]'): this module is imported only when data.env names it, and tasks/rl.py turns
+# a missing gymnasium into one line naming the extra
+import gymnasium
+from gymnasium.vector import AutoresetMode, VectorEnv
 
 
-class Navigation2DEnv(VectorEnv):  # type: ignore[misc]
+class Navigation2DEnv(VectorEnv):
     """num_envs points in the plane, each with its own goal: cbfinn/maml_rl's PointEnvRandGoal, vectorized.
 
     Each episode starts at the origin; an action (a velocity) is clipped to [-max_action, max_action]^2 and
@@ -36,7 +34,7 @@ class Navigation2DEnv(VectorEnv):  # type: ignore[misc]
     (on the goals' device); nothing resets by itself (autoreset disabled): the sampler masks finished episodes.
     """
 
-    metadata = {"autoreset_mode": AutoresetMode.DISABLED if gymnasium is not None else None}
+    metadata = {"autoreset_mode": AutoresetMode.DISABLED}
     observation_dim = 2
     action_dim = 2
     task_dim = 2
