@@ -28,12 +28,14 @@ SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 
 def _environments() -> dict[str, type]:
     """The environments data.env can name (imported here: they need the `rl` extra)."""
+    from metalight.tasks.halfcheetah import HalfCheetahDirection, HalfCheetahVelocity
+    from metalight.tasks.meta_world import MetaWorldML1
     from metalight.tasks.navigation import Navigation2DEnv
 
-    return {"navigation2d": Navigation2DEnv}
+    return {"navigation2d": Navigation2DEnv, "halfcheetah_dir": HalfCheetahDirection, "halfcheetah_vel": HalfCheetahVelocity, "metaworld_ml1": MetaWorldML1}
 
 
-KNOWN_ENVIRONMENTS = ("navigation2d",)
+KNOWN_ENVIRONMENTS = ("navigation2d", "halfcheetah_dir", "halfcheetah_vel", "metaworld_ml1")
 
 
 @dataclasses.dataclass(frozen=True)

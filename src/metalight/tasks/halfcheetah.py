@@ -1,0 +1,198 @@
+"""HalfCheetah direction and velocity tasks (Finn et al. 2017, §5.3): gymnasium's MuJoCo HalfCheetah-v5 with the authors' task rewards, behind gymnasium's vector API.
+
+A task is one number: the direction (+1 forward, -1 backward) for data=halfcheetah_dir, the target velocity
+for data=halfcheetah_vel. The rewards are those of cbfinn/maml_rl (rllab/envs/mujoco/half_cheetah_env_rand_direc.py
+and half_cheetah_env_rand.py) and pytorch-maml-rl (maml_rl/envs/mujoco/half_cheetah.py):
+
+    direction: r = direction * v - 0.5 * 0.1 * sum(clip(a, -1, 1)^2)
+    velocity:  r = -|v - goal_velocity| - 0.5 * 0.1 * sum(clip(a, -1, 1)^2)
+
+with v the forward velocity of the root, (x after - x before) / dt (dt = 0.05: 5 MuJoCo steps of 0.01), as
+gymnasium's HalfCheetah-v5 reports it in info["x_velocity"] and pytorch-maml-rl computes it (the authors read
+the torso's centre-of-mass velocity, which the rigid torso makes nearly the same). The control cost is on the
+clipped action, as the authors' (the actuators' ctrlrange is [-1, 1]: MuJoCo applies the clipped action).
+Observations are the references' 20 numbers: qpos[1:] (8), qvel (9) and the torso's position (3).
+
+`mujoco` is imported only when an environment is built or checked (the `rl` extra), so a missing one is a
+one-line ConfigError naming the extra, and data=navigation2d runs without it.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from metalight.errors import ConfigError
+
+# the `rl` extra; tasks/rl.py already needs gymnasium to list its environments
+import gymnasium
+from gymnasium.vector import AutoresetMode, VectorEnv
+
+CONTROL_COST = 0.5 * 0.1  # the references' 1e-1 * 0.5 * sum(a^2)
+
+
+def require(package: str, env: str) -> Any:
+    """Import `package` (mujoco, metaworld), or a one-line ConfigError naming the `rl` extra that installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(package)
+    except ImportError:
+        raise ConfigError(f"data.env={env} needs the `{package}` package, which is not installed: pip install -e '.[rl]' (make install installs it).") from None
+
+
+# building a MuJoCo simulator costs milliseconds (a Meta-World arm 0.2 s) and the sampler builds a vector environment
+# for every batch of rollouts: the simulators are kept per kind and handed to the next vector environment of that kind.
+# Only one vector environment of a kind is stepped at a time in a process (the sampler finishes one batch of rollouts
+# before it starts the next), which is all this sharing assumes.
+_POOLS: dict[tuple, list[Any]] = {}
+
+
+def pooled(key: tuple, count: int, build: Callable[[], Any]) -> list[Any]:
+    """`count` simulators of kind `key`, reused from earlier vector environments, the missing ones built."""
+    pool = _POOLS.setdefault(key, [])
+    while len(pool) < count:
+        pool.append(build())
+    return pool[:count]
+
+
+def task_seed(task: np.ndarray, copy: int) -> int:
+    """The seed of a copy's start-state noise: a function of its task's parameters and its place in the batch only, so runs replay."""
+    bits = [int.from_bytes(struct.pack("<d", float(v)), "little") for v in np.asarray(task, dtype=np.float64).ravel()]
+    return int(np.random.SeedSequence([copy, *bits]).generate_state(1)[0])
+
+
+class HalfCheetahTasks(VectorEnv):
+    """num_envs HalfCheetah-v5 simulators stepped together, each with its own task; the reward of the task family `family`.
+
+    reset(options={"tasks": [num_envs, 1]}) sets each copy's task (kept when not given) and puts it at
+    HalfCheetah-v5's start state plus its noise (uniform +-reset_noise_scale on qpos, normal on qvel), the
+    noise seeded by the copy's task and index (task_seed): the same batch replays the same episodes.
+    step(actions [num_envs, 6]) returns (observations [num_envs, 20], rewards, terminated (never),
+    truncated (after `horizon` steps), info with the forward velocities and control costs). Tensors in,
+    tensors out (float32, on the tasks' device); nothing resets by itself (autoreset disabled).
+    """
+
+    metadata = {"autoreset_mode": AutoresetMode.DISABLED}
+    observation_dim = 20
+    action_dim = 6
+    task_dim = 1
+    family: ClassVar[str] = ""  # "direction" or "velocity" (the subclasses)
+    env_name: ClassVar[str] = ""
+
+    def __init__(self, num_envs: int, horizon: int = 200, reset_noise_scale: float = 0.1, **task_options: Any) -> None:
+        self.check_options(reset_noise_scale, **task_options)
+        from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
+
+        self.num_envs, self.horizon, self.reset_noise_scale = num_envs, horizon, reset_noise_scale
+        self.sims = pooled(("halfcheetah", reset_noise_scale), num_envs, lambda: HalfCheetahEnv(reset_noise_scale=reset_noise_scale))
+        box = gymnasium.spaces.Box
+        self.single_observation_space = box(-np.inf, np.inf, (20,), np.float32)
+        self.single_action_space = box(-1.0, 1.0, (6,), np.float32)
+        self.observation_space = box(-np.inf, np.inf, (num_envs, 20), np.float32)
+        self.action_space = box(-1.0, 1.0, (num_envs, 6), np.float32)
+        self._tasks: Tensor | None = None
+        self._goals: np.ndarray | None = None
+        self._t = 0
+
+    @classmethod
+    def check_options(cls, reset_noise_scale: float = 0.1, **task_options: Any) -> None:
+        """ConfigError unless mujoco is installed and the options are numbers of the right range (TypeError for unknown names)."""
+        require("mujoco", cls.env_name)
+        if isinstance(reset_noise_scale, bool) or not isinstance(reset_noise_scale, (int, float)) or reset_noise_scale < 0:
+            raise ConfigError(f"data.env_options.reset_noise_scale={reset_noise_scale!r} must be a number >= 0 (HalfCheetah-v5: 0.1).")
+        cls.check_task_options(**task_options)
+
+    @classmethod
+    def check_task_options(cls) -> None:
+        """The task distribution's options (the subclasses'; none for directions)."""
+
+    @staticmethod
+    def observe(sim: Any) -> np.ndarray:
+        """The references' observation: qpos without the root's x, qvel, and the torso's position."""
+        data = sim.data
+        return np.concatenate([data.qpos.flat[1:], data.qvel.flat, sim.get_body_com("torso").flat])
+
+    def task_reward(self, velocity: np.ndarray) -> np.ndarray:
+        """The task term of the reward from the forward velocities [num_envs] (the subclasses')."""
+        raise NotImplementedError
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Tensor, dict[str, Any]]:
+        """Every copy back at a (noisy) start state, with the tasks options["tasks"] [num_envs, 1] (kept when not given)."""
+        tasks = (options or {}).get("tasks")
+        if tasks is not None:
+            tasks = torch.as_tensor(tasks)
+            if tasks.shape != (self.num_envs, 1):
+                raise ValueError(f"tasks of shape {list(tasks.shape)} for {self.num_envs} environments: give [{self.num_envs}, 1]")
+            self._tasks, self._goals = tasks, tasks[:, 0].detach().cpu().double().numpy()
+        if self._tasks is None:
+            raise ValueError("reset(options={'tasks': tasks}) first: each environment needs its task")
+        observations = []
+        for i, sim in enumerate(self.sims):
+            sim.reset(seed=task_seed(self._goals[i : i + 1], i))
+            observations.append(self.observe(sim))
+        self._t = 0
+        return self._tensor(np.stack(observations)), {}
+
+    def _tensor(self, array: np.ndarray) -> Tensor:
+        """array as float32 on the tasks' device."""
+        return torch.as_tensor(array, dtype=torch.float32).to(self._tasks.device)
+
+    def step(self, actions: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, dict[str, Any]]:
+        """One step of every copy: (observations, rewards, terminated, truncated, {"x_velocity", "reward_ctrl"})."""
+        if self._goals is None:
+            raise ValueError("call reset() before step()")
+        clipped = np.clip(torch.as_tensor(actions).detach().cpu().double().numpy(), -1.0, 1.0)
+        observations, velocity = [], np.empty(self.num_envs)
+        for i, sim in enumerate(self.sims):
+            _, _, _, _, info = sim.step(clipped[i])
+            velocity[i] = info["x_velocity"]
+            observations.append(self.observe(sim))
+        control = CONTROL_COST * (clipped**2).sum(-1)
+        reward = self.task_reward(velocity) - control
+        self._t += 1
+        terminated = torch.zeros(self.num_envs, dtype=torch.bool, device=self._tasks.device)
+        truncated = torch.full_like(terminated, self._t >= self.horizon)
+        return self._tensor(np.stack(observations)), self._tensor(reward), terminated, truncated, {"x_velocity": velocity, "reward_ctrl": -control}
+
+
+class HalfCheetahDirection(HalfCheetahTasks):
+    """data=halfcheetah_dir: run forward (task +1) or backward (task -1); r = direction * velocity - control cost."""
+
+    family, env_name = "direction", "halfcheetah_dir"
+
+    @staticmethod
+    def draw_task(rng: np.random.Generator, **options: Any) -> np.ndarray:
+        """One direction, +1 or -1 with probability 1/2, drawn as the authors draw it: -1 if uniform(0, 2) < 1 else +1."""
+        return np.array([-1.0 if rng.uniform(0.0, 2.0) < 1.0 else 1.0])
+
+    def task_reward(self, velocity: np.ndarray) -> np.ndarray:
+        """direction * forward velocity."""
+        return self._goals * velocity
+
+
+class HalfCheetahVelocity(HalfCheetahTasks):
+    """data=halfcheetah_vel: run at the task's target velocity; r = -|velocity - goal| - control cost."""
+
+    family, env_name = "velocity", "halfcheetah_vel"
+
+    @staticmethod
+    def draw_task(rng: np.random.Generator, velocity_range: tuple[float, float] = (0.0, 2.0), **options: Any) -> np.ndarray:
+        """One target velocity, uniform in velocity_range (Finn et al. and pytorch-maml-rl: [0, 2])."""
+        return np.array([rng.uniform(velocity_range[0], velocity_range[1])])
+
+    @classmethod
+    def check_task_options(cls, velocity_range: tuple[float, float] = (0.0, 2.0)) -> None:
+        """ConfigError unless velocity_range is [low, high] with low < high."""
+        ok = isinstance(velocity_range, (list, tuple)) and len(velocity_range) == 2 and all(isinstance(v, (int, float)) for v in velocity_range)
+        if not ok or not velocity_range[0] < velocity_range[1]:
+            raise ConfigError(f"data.env_options.velocity_range={velocity_range!r} must be [low, high] with low < high, e.g. [0.0, 2.0].")
+
+    def task_reward(self, velocity: np.ndarray) -> np.ndarray:
+        """Minus the distance of the forward velocity to the target."""
+        return -np.abs(velocity - self._goals)

@@ -1,0 +1,245 @@
+"""Meta-World ML1 (Yu et al. 2019) as RL tasks (data=metaworld_ml1): one manipulation skill, its 50 training and 50 test goals.
+
+A task is one number, the place of its goal in ML1's task list: 0-49 are ML1's `train_tasks`, 50-99 its
+`test_tasks` (for data.env_options.task and benchmark_seed; each holds the object's start position and
+the goal, Meta-World's `rand_vec`). Training meta-batches draw from the training goals, validation and test
+from the test goals (MetaWorldML1DataModule), so the reported figures are on goals never trained on, as
+the benchmark's ML1 protocol asks. The goal is hidden from the policy (ML1's partially observable setting):
+observations are Meta-World's 39 numbers with the goal zeroed, actions 4 numbers in [-1, 1].
+
+Meta-World reports success (the object within a task-specific distance of the goal) in info["success"] at
+every step; an episode succeeds if any of its steps does (Meta-World's evaluation stops an episode at its
+first success). The vector environment reports the 0/1 of each step in info["success"] and keeps each
+copy's episode_success; MetaWorldSuccess (a callback, conf/data/metaworld_ml1.yaml) logs val/success and
+test/success (after the last inner step) and val/success_step{k} beside val/return.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor
+
+from metalight.errors import ConfigError
+from metalight.tasks.halfcheetah import pooled, require
+from metalight.tasks.rl import EnvironmentTasks, RLDataModule
+
+# the `rl` extra; tasks/rl.py already needs gymnasium to list its environments
+import gymnasium
+from gymnasium.vector import AutoresetMode, VectorEnv
+
+N_GOALS = 50  # Meta-World's goals per split of an ML1 benchmark
+
+
+def known_tasks() -> list[str]:
+    """The Meta-World skills ML1 can be built on (reach, push, pick-place, ...), without their -v3 suffix."""
+    metaworld = require("metaworld", "metaworld_ml1")
+    return sorted(name.removesuffix("-v3") for name in metaworld.ML1.ENV_NAMES)
+
+
+def full_name(task: str) -> str:
+    """Meta-World's name of a skill: reach -> reach-v3 (a full name is kept), or a ConfigError listing the known ones."""
+    known = known_tasks()
+    short = task.removesuffix("-v3") if isinstance(task, str) else task
+    if short not in known:
+        raise ConfigError(f"data.env_options.task={task!r} is not a Meta-World task: use one of {', '.join(known)}.")
+    return f"{short}-v3"
+
+
+@functools.lru_cache(maxsize=8)
+def benchmark(task: str, benchmark_seed: int) -> Any:
+    """ML1 of `task` with its goals drawn from benchmark_seed (about 2 s; once per process)."""
+    metaworld = require("metaworld", "metaworld_ml1")
+    return metaworld.ML1(full_name(task), seed=benchmark_seed)
+
+
+def task_list(task: str, benchmark_seed: int) -> list[Any]:
+    """ML1's training tasks then its test tasks (Meta-World Task objects), the order task numbers index."""
+    ml1 = benchmark(task, benchmark_seed)
+    return list(ml1.train_tasks) + list(ml1.test_tasks)
+
+
+class MetaWorldML1(VectorEnv):
+    """num_envs Meta-World arms of one ML1 skill stepped together, each set to its task (reset(options={"tasks": [num_envs, 1]})).
+
+    Episodes last `horizon` steps (Meta-World's max_path_length is 500 and bounds it); nothing terminates;
+    reset puts each arm at the task's start with its object and goal (deterministic: Meta-World adds no
+    noise). step returns (observations [num_envs, 39], rewards, terminated, truncated, info) with
+    info["success"] the 0/1 of each copy at this step; episode_success [num_envs] is whether a copy has
+    succeeded since its reset. Tensors in, tensors out (float32, on the tasks' device).
+    """
+
+    metadata = {"autoreset_mode": AutoresetMode.DISABLED}
+    observation_dim = 39
+    action_dim = 4
+    task_dim = 1
+
+    def __init__(self, num_envs: int, horizon: int = 500, task: str = "reach", benchmark_seed: int = 0) -> None:
+        self.check_options(task, benchmark_seed)
+        if not 1 <= horizon <= 500:
+            raise ConfigError(f"data.horizon={horizon} is longer than Meta-World's episodes (500 steps): use at most 500.")
+        self.num_envs, self.horizon, self.task, self.benchmark_seed = num_envs, horizon, full_name(task), benchmark_seed
+        self.tasks_list = task_list(task, benchmark_seed)
+        cls = benchmark(task, benchmark_seed).train_classes[self.task]
+        self.sims = pooled(("metaworld", self.task), num_envs, cls)
+        box = gymnasium.spaces.Box
+        self.single_observation_space = box(-np.inf, np.inf, (39,), np.float32)
+        self.single_action_space = box(-1.0, 1.0, (4,), np.float32)
+        self.observation_space = box(-np.inf, np.inf, (num_envs, 39), np.float32)
+        self.action_space = box(-1.0, 1.0, (num_envs, 4), np.float32)
+        self._tasks: Tensor | None = None
+        self.episode_success = np.zeros(num_envs, dtype=bool)
+
+    @staticmethod
+    def check_options(task: str = "reach", benchmark_seed: int = 0) -> None:
+        """ConfigError unless metaworld is installed, `task` is an ML1 skill and benchmark_seed a whole number >= 0."""
+        full_name(task)
+        if isinstance(benchmark_seed, bool) or not isinstance(benchmark_seed, int) or benchmark_seed < 0:
+            raise ConfigError(f"data.env_options.benchmark_seed={benchmark_seed!r} must be a whole number >= 0.")
+
+    @staticmethod
+    def draw_task(rng: np.random.Generator, split: str = "train", **options: Any) -> np.ndarray:
+        """One task number: uniform over ML1's 50 training goals (split train), else over its 50 test goals."""
+        return np.array([float(rng.integers(N_GOALS) + (0 if split == "train" else N_GOALS))])
+
+    def goal(self, number: int) -> np.ndarray:
+        """The goal position of task `number` (the last 3 numbers of its rand_vec)."""
+        import pickle
+
+        return np.asarray(pickle.loads(self.tasks_list[number].data)["rand_vec"][-3:])
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Tensor, dict[str, Any]]:
+        """Every arm at its start, set to the tasks options["tasks"] [num_envs, 1] (task numbers; kept when not given)."""
+        tasks = (options or {}).get("tasks")
+        if tasks is not None:
+            tasks = torch.as_tensor(tasks)
+            if tasks.shape != (self.num_envs, 1):
+                raise ValueError(f"tasks of shape {list(tasks.shape)} for {self.num_envs} environments: give [{self.num_envs}, 1]")
+            numbers = tasks[:, 0].round().long().tolist()
+            if min(numbers) < 0 or max(numbers) >= len(self.tasks_list):
+                raise ValueError(f"task numbers must be in [0, {len(self.tasks_list)}), got {min(numbers)}..{max(numbers)}")
+            for sim, number in zip(self.sims, numbers):
+                sim.set_task(self.tasks_list[number])
+                sim.max_path_length = self.horizon
+            self._tasks = tasks
+        if self._tasks is None:
+            raise ValueError("reset(options={'tasks': tasks}) first: each environment needs its task")
+        observations = [sim.reset()[0] for sim in self.sims]
+        self.episode_success[:] = False
+        return self._tensor(np.stack(observations)), {}
+
+    def _tensor(self, array: np.ndarray) -> Tensor:
+        """array as float32 on the tasks' device."""
+        return torch.as_tensor(np.asarray(array), dtype=torch.float32).to(self._tasks.device)
+
+    def step(self, actions: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, dict[str, Any]]:
+        """One step of every arm (actions clipped to [-1, 1]): (observations, rewards, terminated, truncated, {"success": 0/1 [num_envs]})."""
+        if self._tasks is None:
+            raise ValueError("call reset() before step()")
+        clipped = np.clip(torch.as_tensor(actions).detach().cpu().double().numpy(), -1.0, 1.0)
+        observations, rewards, truncated = [], np.empty(self.num_envs), np.zeros(self.num_envs, dtype=bool)
+        success = np.zeros(self.num_envs)
+        for i, sim in enumerate(self.sims):
+            observation, reward, _, truncated[i], info = sim.step(clipped[i])
+            observations.append(observation)
+            rewards[i], success[i] = reward, float(info["success"])
+        self.episode_success |= success > 0
+        terminated = torch.zeros(self.num_envs, dtype=torch.bool, device=self._tasks.device)
+        return self._tensor(np.stack(observations)), self._tensor(rewards), terminated, torch.as_tensor(truncated).to(terminated.device), {"success": success}
+
+
+class MetaWorldML1DataModule(RLDataModule):
+    """data=metaworld_ml1: RLDataModule whose training tasks are ML1's training goals and whose validation and test tasks are its test goals."""
+
+    def __init__(self, env: str = "metaworld_ml1", env_options: Mapping | None = None, **settings: Any) -> None:
+        super().__init__(env, env_options, **settings)
+
+    def setup(self, stage: str | None = None) -> None:
+        """The three task streams: training goals for train (of `seed`), test goals for val and test (of `eval_seed`)."""
+        if not self._datasets:
+            draw = lambda split: lambda rng: self.env_class.draw_task(rng, split=split, **self.env_options)  # noqa: E731
+            self._datasets = {
+                "train": EnvironmentTasks(draw("train"), "train", self.seed),
+                "val": EnvironmentTasks(draw("val"), "val", self.eval_seed),
+                "test": EnvironmentTasks(draw("test"), "test", self.eval_seed),
+            }
+
+
+class MetaWorldSuccess(Callback):
+    """Logs val/success and test/success: the fraction of evaluation episodes that reach their goal, after each inner step (stage/success_step{k}).
+
+    During validation and test it hands the learner a TaskEnvironment whose make() keeps the vector
+    environments it builds; after each batch it reads their episode_success (one environment per
+    evaluation step, in order: before adaptation, after step 1, ...), averaged over each task's rollouts and
+    then over tasks, summed over ranks.
+    """
+
+    def __init__(self) -> None:
+        self._made: list[Any] = []
+        self._sums: np.ndarray | None = None
+        self._environment = None
+
+    def _start(self, pl_module: LightningModule) -> None:
+        environment = getattr(pl_module, "environment", None)
+        if environment is None:
+            return
+        self._environment, self._sums = environment, None
+
+        def make(num_envs: int) -> Any:
+            env = environment.make(num_envs)
+            self._made.append(env)
+            return env
+
+        pl_module.environment = dataclasses.replace(environment, make=make)
+
+    def _batch_end(self, batch: Any) -> None:
+        if self._environment is None:
+            return
+        n_tasks = batch["tasks"].shape[0]
+        rates = [env.episode_success.reshape(n_tasks, -1).mean(1).sum() for env in self._made if hasattr(env, "episode_success")]
+        self._made = []
+        if rates:
+            counts = np.array([n_tasks, *rates], dtype=np.float64)
+            self._sums = counts if self._sums is None or len(self._sums) != len(counts) else self._sums + counts
+
+    def _end(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._environment is None:
+            return
+        pl_module.environment, self._environment = self._environment, None
+        if self._sums is None:
+            return
+        sums = trainer.strategy.reduce(torch.tensor(self._sums, device=pl_module.device), reduce_op="sum").tolist()
+        rates = [s / sums[0] for s in sums[1:]]
+        self._sums = None
+        pl_module.log_dict({f"{stage}/success_step{k}": r for k, r in enumerate(rates)}, sync_dist=True)
+        pl_module.log(f"{stage}/success", rates[-1], sync_dist=True)
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Keep the vector environments validation builds."""
+        self._start(pl_module)
+
+    def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Add the batch's success rates."""
+        self._batch_end(batch)
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Log val/success and val/success_step{k}; give the learner its environment back."""
+        self._end(trainer, pl_module, "val")
+
+    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Keep the vector environments the test builds."""
+        self._start(pl_module)
+
+    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Add the batch's success rates."""
+        self._batch_end(batch)
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Log test/success and test/success_step{k}; give the learner its environment back."""
+        self._end(trainer, pl_module, "test")
