@@ -1,0 +1,177 @@
+"""MuJoCo meta-RL tasks (data=halfcheetah_dir / halfcheetah_vel, data=metaworld_ml1): rewards by hand, task draws, Meta-World goals and success, errors, one run."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("gymnasium", reason="the `rl` extra (pip install -e '.[rl]') is not installed")
+pytest.importorskip("mujoco", reason="the `rl` extra (pip install -e '.[rl]') is not installed")
+
+from metalight.errors import ConfigError  # noqa: E402
+from metalight.runs.training import train  # noqa: E402
+from metalight.tasks.halfcheetah import HalfCheetahDirection, HalfCheetahVelocity  # noqa: E402
+from metalight.tasks.rl import RLDataModule  # noqa: E402
+
+
+def hand_rewards(env, actions: np.ndarray, family: str, goals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Step every simulator of env by hand (MuJoCo's x before and after, dt) and return (rewards, observations) as the references define them."""
+    rewards, observations = [], []
+    for sim, action, goal in zip(env.sims, actions, goals):
+        clipped = np.clip(action, -1.0, 1.0)
+        before = float(sim.data.qpos[0])
+        sim.do_simulation(clipped, sim.frame_skip)
+        velocity = (float(sim.data.qpos[0]) - before) / sim.dt
+        control = 0.5 * 0.1 * float(np.sum(clipped**2))
+        rewards.append((goal * velocity if family == "direction" else -abs(velocity - goal)) - control)
+        observations.append(np.concatenate([sim.data.qpos[1:], sim.data.qvel, sim.data.body("torso").xpos]))
+    return np.array(rewards), np.stack(observations)
+
+
+@pytest.mark.parametrize("cls, goals", [(HalfCheetahDirection, [1.0, -1.0, 1.0]), (HalfCheetahVelocity, [0.0, 1.3, 2.0])])
+def test_halfcheetah_rewards_equal_a_hand_computation_from_the_simulator(cls, goals) -> None:
+    """The vector environment's rewards and observations equal the references' formulas on the same simulator states (a twin environment stepped by hand)."""
+    tasks = torch.tensor(goals).view(3, 1)
+    actions = torch.randn(4, 3, 6, generator=torch.Generator().manual_seed(0)) * 1.5  # some beyond [-1, 1]: clipped, and the cost is on the clipped action
+    env = cls(3, horizon=4)
+    observation, _ = env.reset(options={"tasks": tasks})
+    start = [(sim.data.qpos.copy(), sim.data.qvel.copy()) for sim in env.sims]
+    got = []
+    for t in range(4):
+        observation, reward, terminated, truncated, info = env.step(actions[t])
+        got.append((reward, observation))
+        assert not terminated.any() and truncated.all() == (t == 3), "never terminates; the horizon (4) truncates"
+    # replay by hand from the same start states on the same simulators
+    for sim, (qpos, qvel) in zip(env.sims, start):
+        sim.set_state(qpos, qvel)
+    for t in range(4):
+        rewards, observations = hand_rewards(env, actions[t].double().numpy(), cls.family, np.array(goals))
+        assert np.allclose(got[t][0].numpy(), rewards, rtol=1e-5, atol=1e-5), (t, got[t][0], rewards)
+        assert np.allclose(got[t][1].numpy(), observations, rtol=1e-5, atol=1e-5)
+    assert observation.shape == (3, 20) and env.observation_dim == 20 and env.action_dim == 6
+
+
+def test_halfcheetah_start_states_replay() -> None:
+    """The same tasks in the same places start from the same noisy state, different copies from different ones."""
+    tasks = torch.tensor([[1.0], [1.0]])
+    first, _ = HalfCheetahDirection(2).reset(options={"tasks": tasks})
+    again, _ = HalfCheetahDirection(2).reset(options={"tasks": tasks})
+    assert torch.equal(first, again) and not torch.equal(first[0], first[1])
+
+
+def datamodule(env: str, **options) -> RLDataModule:
+    module = RLDataModule(env=env, horizon=10, rollouts=2, meta_batch_size=2, n_val_tasks=2, n_test_tasks=2, **options)
+    module.setup()
+    return module
+
+
+def test_tasks_are_drawn_as_the_references_draw_them() -> None:
+    """Directions: +1 or -1, each with probability 1/2; target velocities uniform in [0, 2]."""
+    keys = [(e, i) for e in range(20) for i in range(50)]
+    directions = datamodule("halfcheetah_dir").tasks("train")[keys]["tasks"][:, 0]
+    assert set(directions.tolist()) == {-1.0, 1.0} and abs(float((directions > 0).double().mean()) - 0.5) < 0.05
+    velocities = datamodule("halfcheetah_vel").tasks("train")[keys]["tasks"][:, 0].double()
+    assert velocities.min() >= 0 and velocities.max() <= 2 and velocities.min() < 0.01 and velocities.max() > 1.99
+    assert abs(float(velocities.mean()) - 1.0) < 0.05 and abs(float(velocities.var()) - 4 / 12) < 0.03, "uniform on [0, 2]: mean 1, variance 1/3"
+    narrow = datamodule("halfcheetah_vel", env_options={"velocity_range": [0.5, 0.6]}).tasks("train")[keys[:100]]["tasks"]
+    assert narrow.min() >= 0.5 and narrow.max() <= 0.6
+
+
+def test_bad_options_and_a_missing_package_are_one_line_errors(monkeypatch) -> None:
+    with pytest.raises(ConfigError, match=r"velocity_range"):
+        datamodule("halfcheetah_vel", env_options={"velocity_range": [2, 0]})
+    with pytest.raises(ConfigError, match=r"not options of data.env=halfcheetah_dir"):
+        datamodule("halfcheetah_dir", env_options={"goal_range": [0, 1]})
+    monkeypatch.setitem(__import__("sys").modules, "mujoco", None)  # `import mujoco` now fails as if it were not installed
+    with pytest.raises(ConfigError) as error:
+        datamodule("halfcheetah_dir")
+    assert "mujoco" in str(error.value) and "pip install -e '.[rl]'" in str(error.value) and "\n" not in str(error.value)
+    monkeypatch.setitem(__import__("sys").modules, "metaworld", None)
+    with pytest.raises(ConfigError) as error:
+        datamodule("metaworld_ml1")
+    assert "metaworld" in str(error.value) and "pip install -e '.[rl]'" in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.fixture(scope="module")
+def reach():
+    """ML1 reach's data module (its benchmark is built once: about 2 s)."""
+    pytest.importorskip("metaworld", reason="the `rl` extra (pip install -e '.[rl]') is not installed")
+    from metalight.tasks.meta_world import MetaWorldML1DataModule
+
+    module = MetaWorldML1DataModule(env_options={"task": "reach"}, horizon=60, rollouts=1, meta_batch_size=2, n_val_tasks=2, n_test_tasks=2)
+    module.setup()
+    return module
+
+
+def test_metaworld_trains_on_ml1_train_goals_and_is_scored_on_its_test_goals(reach) -> None:
+    import metaworld
+
+    keys = [(e, i) for e in range(10) for i in range(20)]
+    train, val, test = (reach.tasks(split)[keys]["tasks"][:, 0] for split in ("train", "val", "test"))
+    assert train.min() >= 0 and train.max() <= 49 and len(set(train.tolist())) > 40
+    assert val.min() >= 50 and test.max() <= 99 and not torch.equal(val, test)
+    ml1 = metaworld.ML1("reach-v3", seed=0)
+    env = reach.environment.make(2)
+    assert np.allclose(env.goal(3), np.asarray(__import__("pickle").loads(ml1.train_tasks[3].data)["rand_vec"][-3:]))
+    assert np.allclose(env.goal(57), np.asarray(__import__("pickle").loads(ml1.test_tasks[7].data)["rand_vec"][-3:]))
+
+
+def test_metaworld_resets_to_the_tasks_goal_and_reports_success_as_0_or_1(reach) -> None:
+    """Each arm's target is its task's goal; a hand driven to the goal succeeds (info 1, episode_success), one held still does not."""
+    env = reach.environment.make(2)
+    observation, _ = env.reset(options={"tasks": torch.tensor([[3.0], [57.0]])})
+    for sim, number in zip(env.sims, (3, 57)):
+        assert np.allclose(sim._target_pos, env.goal(number))
+    assert observation.shape == (2, 39) and torch.equal(observation[:, 36:], torch.zeros(2, 3)), "ML1 hides the goal"
+    successes = []
+    for _ in range(60):
+        hand = observation[:, :3].double().numpy()
+        action = np.zeros((2, 4))
+        action[0, :3] = np.clip((env.goal(3) - hand[0]) * 10, -1, 1)  # arm 0 reaches for its goal, arm 1 stays
+        observation, reward, terminated, truncated, info = env.step(torch.from_numpy(action).float())
+        assert set(np.unique(info["success"]).tolist()) <= {0.0, 1.0}
+        successes.append(info["success"])
+    successes = np.stack(successes)
+    assert successes[:, 0].max() == 1.0 and successes[:, 1].max() == 0.0
+    assert env.episode_success.tolist() == [True, False] and truncated.all(), "60 steps: the horizon"
+
+
+def test_unknown_metaworld_task_is_a_config_error_listing_the_known_ones(reach) -> None:
+    from metalight.tasks.meta_world import MetaWorldML1DataModule
+
+    with pytest.raises(ConfigError) as error:
+        MetaWorldML1DataModule(env_options={"task": "fly-to-the-moon"})
+    message = str(error.value)
+    assert "\n" not in message and "fly-to-the-moon" in message and all(name in message for name in ("reach", "push", "pick-place"))
+
+
+def test_halfcheetah_dir_trains_end_to_end(compose_generated) -> None:
+    """train.py on the composed experiment=halfcheetah_dir: 2 meta-steps of 2 tasks x 2 rollouts of 10 steps, then the test."""
+    cfg = compose_generated(
+        "experiment=halfcheetah_dir", "trainer.max_steps=2", "data.meta_batch_size=2", "data.rollouts=2", "data.horizon=10",
+        "data.n_val_tasks=2", "data.n_test_tasks=2", "data.eval_batch_size=2", "data.batches_per_epoch=2", "logger=csv",
+    )
+    assert cfg.model.in_features == 20 and cfg.model.out_features == 6 and cfg.data.env == "halfcheetah_dir"
+    metrics, objects = train(cfg)
+    assert objects["trainer"].global_step == 2
+    assert all(math.isfinite(metrics[f"test/return_step{k}"]) for k in range(4))
+
+
+def test_metaworld_reach_logs_success_beside_return(compose_generated, reach, tmp_path) -> None:
+    """train.py on experiment=metaworld_ml1_reach (1 meta-step, 2 tasks x 1 rollout of 20 steps): val/ and test/success after each inner step, in [0, 1]."""
+    import csv
+
+    cfg = compose_generated(
+        "experiment=metaworld_ml1_reach", "trainer.max_steps=1", "data.meta_batch_size=2", "data.rollouts=1", "data.horizon=20",
+        "data.n_val_tasks=2", "data.n_test_tasks=2", "data.eval_batch_size=2", "data.batches_per_epoch=1", "algo.eval_inner_steps=1", "logger=csv",
+    )
+    metrics, objects = train(cfg)
+    assert objects["trainer"].global_step == 1 and objects["algorithm"].environment.make.__name__ != "make", "the learner has its environment back"
+    rows = list(csv.DictReader(next((tmp_path / "run").rglob("metrics.csv")).open()))
+    logged = {key: float(row[key]) for row in rows for key in row if "success" in key and row[key]}
+    assert {f"{stage}/success{tail}" for stage in ("val", "test") for tail in ("", "_step0", "_step1")} <= set(logged)
+    assert all(0.0 <= value <= 1.0 for value in logged.values())
+    assert metrics["test/success"] == metrics["test/success_step1"] and math.isfinite(metrics["test/return"])
