@@ -175,3 +175,16 @@ def test_metaworld_reach_logs_success_beside_return(compose_generated, reach, tm
     assert {f"{stage}/success{tail}" for stage in ("val", "test") for tail in ("", "_step0", "_step1")} <= set(logged)
     assert all(0.0 <= value <= 1.0 for value in logged.values())
     assert metrics["test/success"] == metrics["test/success_step1"] and math.isfinite(metrics["test/return"])
+
+
+def test_success_rate_is_each_tasks_fraction_of_rollouts_then_the_mean_over_tasks() -> None:
+    """Two tasks x 2 rollouts, evaluated before and after one step: the sums the callback reduces over ranks."""
+    from types import SimpleNamespace
+
+    from metalight.tasks.meta_world import MetaWorldSuccess
+
+    callback = MetaWorldSuccess()
+    callback._environment = object()  # as during an evaluation
+    callback._made = [SimpleNamespace(episode_success=np.array([True, False, True, True])), SimpleNamespace(episode_success=np.array([True, True, False, False]))]
+    callback._batch_end({"tasks": torch.zeros(2, 1)})
+    assert callback._sums.tolist() == [2.0, 0.5 + 1.0, 1.0 + 0.0] and callback._made == []
