@@ -4,9 +4,11 @@
 
 batched: metalight's sampler (algorithms/policy_gradient.sample_rollouts) on the vector environment of --env
 (tasks/halfcheetah.py, tasks/meta_world.py): every task x every rollout a copy of the simulator, one policy call
-per time step for all of them (each task with its own weights, by vmap), the copies stepped in one loop.
+per time step for all of them (each task with its own weights, by vmap); HalfCheetah's copies stepped by one call
+of mujoco.rollout, Meta-World's in a Python loop.
 sequential: the reference samplers without their worker processes (rllab's, pytorch-maml-rl's): for each task
-and each rollout, one environment (the same class with one copy) stepped with one policy call per step.
+and each rollout, one environment stepped with one policy call per step (HalfCheetah: a plain gymnasium
+HalfCheetah-v5 with the task's reward computed beside it; Meta-World: the vector environment with one copy).
 env_only: the vector environment's step alone on random actions (no policy), for the simulator's share.
 Same policy (2 x 100 ReLU Gaussian MLP). Prints one JSON object.
 """
@@ -17,6 +19,7 @@ import argparse
 import json
 import time
 
+import numpy as np
 import torch
 
 from metalight.algorithms import MAMLRL
@@ -26,16 +29,47 @@ from metalight.tasks.meta_world import MetaWorldML1DataModule
 from metalight.tasks.rl import RLDataModule
 
 
+class ReferenceCheetah:
+    """One HalfCheetah as the references run it: gymnasium's HalfCheetah-v5 stepped alone, the task's reward computed in Python."""
+
+    def __init__(self, family: str) -> None:
+        from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
+
+        self.env, self.family, self.goal = HalfCheetahEnv(), family, 0.0
+
+    def reset(self, task: torch.Tensor) -> torch.Tensor:
+        self.goal = float(task[0])
+        self.env.reset()
+        return self.observe()
+
+    def observe(self) -> torch.Tensor:
+        data = self.env.data
+        return torch.from_numpy(np.concatenate([data.qpos[1:], data.qvel, self.env.get_body_com("torso")])).float().view(1, -1)
+
+    def step(self, action: torch.Tensor) -> tuple[torch.Tensor, float]:
+        clipped = np.clip(action.view(-1).double().numpy(), -1, 1)
+        _, _, _, _, info = self.env.step(clipped)
+        velocity = info["x_velocity"]
+        reward = (self.goal * velocity if self.family == "direction" else -abs(velocity - self.goal)) - 0.05 * float(np.sum(clipped**2))
+        return self.observe(), reward
+
+
 def sequential(datamodule: RLDataModule, model: torch.nn.Module, tasks: torch.Tensor, rollouts: int) -> None:
-    """One task, one rollout, one environment at a time: the reference samplers' order."""
-    env = datamodule.make_env(1)
+    """One task, one rollout, one environment at a time: the reference samplers' order (HalfCheetah: a plain HalfCheetah-v5)."""
+    if datamodule.env.startswith("halfcheetah"):
+        env = ReferenceCheetah(datamodule.env_class.family)
+        reset, step = env.reset, lambda action: env.step(action)[0]
+    else:
+        vector = datamodule.make_env(1)
+        reset = lambda task: vector.reset(options={"tasks": task.view(1, -1)})[0]  # noqa: E731
+        step = lambda action: vector.step(action)[0]  # noqa: E731
     with torch.no_grad():
         for task in tasks:
             for _ in range(rollouts):
-                observation, _ = env.reset(options={"tasks": task.view(1, -1)})
+                observation = reset(task)
                 for _ in range(datamodule.horizon):
                     mean, std = model(observation)
-                    observation, *_ = env.step(mean + std * torch.randn_like(mean))
+                    observation = step(mean + std * torch.randn_like(mean))
 
 
 def env_only(datamodule: RLDataModule, tasks: torch.Tensor, rollouts: int) -> None:
