@@ -107,13 +107,13 @@ def reach():
 
 
 def test_metaworld_trains_on_ml1_train_goals_and_is_scored_on_its_test_goals(reach) -> None:
-    import metaworld
+    from metalight.tasks.meta_world import benchmark
 
     keys = [(e, i) for e in range(10) for i in range(20)]
     train, val, test = (reach.tasks(split)[keys]["tasks"][:, 0] for split in ("train", "val", "test"))
     assert train.min() >= 0 and train.max() <= 49 and len(set(train.tolist())) > 40
     assert val.min() >= 50 and test.max() <= 99 and not torch.equal(val, test)
-    ml1 = metaworld.ML1("reach-v3", seed=0)
+    ml1 = benchmark("reach", 0)  # metaworld.ML1("reach-v3", seed=0), built once
     env = reach.environment.make(2)
     assert np.allclose(env.goal(3), np.asarray(__import__("pickle").loads(ml1.train_tasks[3].data)["rand_vec"][-3:]))
     assert np.allclose(env.goal(57), np.asarray(__import__("pickle").loads(ml1.test_tasks[7].data)["rand_vec"][-3:]))
