@@ -188,3 +188,14 @@ def test_success_rate_is_each_tasks_fraction_of_rollouts_then_the_mean_over_task
     callback._made = [SimpleNamespace(episode_success=np.array([True, False, True, True])), SimpleNamespace(episode_success=np.array([True, True, False, False]))]
     callback._batch_end({"tasks": torch.zeros(2, 1)})
     assert callback._sums.tolist() == [2.0, 0.5 + 1.0, 1.0 + 0.0] and callback._made == []
+
+
+def test_metaworld_needs_its_data_module_and_at_most_500_steps(reach) -> None:
+    from metalight.tasks.meta_world import MetaWorldML1DataModule
+
+    with pytest.raises(ConfigError, match="at most 500"):
+        MetaWorldML1DataModule(env_options={"task": "reach"}, horizon=501)
+    plain = RLDataModule(env="metaworld_ml1", env_options={"task": "reach"}, horizon=10)
+    plain.setup()
+    with pytest.raises(ConfigError, match="MetaWorldML1DataModule"):
+        plain.tasks("val")[[(0, 0)]]

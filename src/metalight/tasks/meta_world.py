@@ -104,8 +104,13 @@ class MetaWorldML1(VectorEnv):
             raise ConfigError(f"data.env_options.benchmark_seed={benchmark_seed!r} must be a whole number >= 0.")
 
     @staticmethod
-    def draw_task(rng: np.random.Generator, split: str = "train", **options: Any) -> np.ndarray:
+    def draw_task(rng: np.random.Generator, split: str | None = None, **options: Any) -> np.ndarray:
         """One task number: uniform over ML1's 50 training goals (split train), else over its 50 test goals."""
+        if split is None:  # drawn by the plain RLDataModule, which cannot tell the splits apart
+            raise ConfigError(
+                "data.env=metaworld_ml1 needs data._target_=metalight.tasks.meta_world.MetaWorldML1DataModule, which draws "
+                "validation and test tasks from ML1's test goals: use data=metaworld_ml1."
+            )
         return np.array([float(rng.integers(N_GOALS) + (0 if split == "train" else N_GOALS))])
 
     def goal(self, number: int) -> np.ndarray:
@@ -157,8 +162,10 @@ class MetaWorldML1(VectorEnv):
 class MetaWorldML1DataModule(RLDataModule):
     """data=metaworld_ml1: RLDataModule whose training tasks are ML1's training goals and whose validation and test tasks are its test goals."""
 
-    def __init__(self, env: str = "metaworld_ml1", env_options: Mapping | None = None, **settings: Any) -> None:
-        super().__init__(env, env_options, **settings)
+    def __init__(self, env: str = "metaworld_ml1", env_options: Mapping | None = None, horizon: int = 500, **settings: Any) -> None:
+        if isinstance(horizon, int) and horizon > 500:
+            raise ConfigError(f"data.horizon={horizon} is longer than Meta-World's episodes (500 steps): use at most 500.")
+        super().__init__(env, env_options, horizon, **settings)
 
     def setup(self, stage: str | None = None) -> None:
         """The three task streams: training goals for train (of `seed`), test goals for val and test (of `eval_seed`)."""
