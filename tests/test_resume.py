@@ -22,12 +22,15 @@ from metalight.runs.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_STEPS = 12
+# what every run shares: a checkpoint after every meta-step, no test, the CPU
+COMMON = [
+    f"trainer.max_steps={MAX_STEPS}", "data.batches_per_epoch=4", "++trainer.enable_progress_bar=false",
+    "callbacks.last_checkpoint.every_n_steps=1", "logger=csv", "test=false", "trainer.accelerator=cpu",  # exact resume is a CPU promise
+]
 # a small network and small tasks keep a meta-step near 0.1 s on a CPU
 TINY = [
-    f"trainer.max_steps={MAX_STEPS}", "data.batches_per_epoch=4", "data.meta_batch_size=2", "data.k_query=2",
-    "data.n_val_tasks=2", "data.eval_batch_size=2", "model.hidden=8", "data.num_workers=0",
-    "data.persistent_workers=false", "++trainer.enable_progress_bar=false", "callbacks.last_checkpoint.every_n_steps=1",
-    "logger=csv", "test=false", "trainer.accelerator=cpu",  # exact resume is a CPU promise
+    "data.meta_batch_size=2", "data.k_query=2", "data.n_val_tasks=2", "data.eval_batch_size=2", "model.hidden=8",
+    "data.num_workers=0", "data.persistent_workers=false",
 ]
 # each algorithm with what makes its state worth resuming: learned step sizes (Meta-SGD, MAML++), per-step
 # BatchNorm weights and running statistics and the MSL epoch (MAML++), a learning-rate schedule (ProtoNets),
@@ -35,18 +38,23 @@ TINY = [
 # (ANIL, FOMAML, the metric-based learners), are left out: each such run costs a process, and they are resumed
 # through the same code.
 ALGORITHMS = {
-    "maml": ["algo=maml", "algo.eval_inner_steps=1"],
-    "metasgd": ["algo=metasgd"],
-    "mamlpp": ["algo=mamlpp", "algo.inner_steps=2", "algo.eval_inner_steps=2", "algo.msl_epochs=2", "algo.transductive=false"],
-    "protonet": ["algo=protonet", "algo.scheduler.step_size=3"],
+    "maml": [*TINY, "algo=maml", "algo.eval_inner_steps=1"],
+    "metasgd": [*TINY, "algo=metasgd"],
+    "mamlpp": [*TINY, "algo=mamlpp", "algo.inner_steps=2", "algo.eval_inner_steps=2", "algo.msl_epochs=2", "algo.transductive=false"],
+    "protonet": [*TINY, "algo=protonet", "algo.scheduler.step_size=3"],
     # Baseline++: the classifier over the training classes, BatchNorm running statistics, the stream of labelled images
-    "baseline": ["algo=baseline", "algo.head=cosine", "data.batch_size=4", "algo.fit_epochs=2", "model.track_running_stats=true"],
-    "reptile": ["algo=reptile", "algo.inner_steps=2", "algo.eval_inner_steps=1"],  # the persistent inner Adam state
+    "baseline": [*TINY, "algo=baseline", "algo.head=cosine", "data.batch_size=4", "algo.fit_epochs=2", "model.track_running_stats=true"],
+    "reptile": [*TINY, "algo=reptile", "algo.inner_steps=2", "algo.eval_inner_steps=1"],  # the persistent inner Adam state
     # regression through the task interface: MAML's vmap path on sinusoids, whose training tasks come from
     # (seed, step); a sinusoid step takes milliseconds, so this run is longer, to be killed mid-way
     # (what a learner keeps beyond its weights and Adam's, learned step sizes and inner Adam state, is resumed in the
     # image cases above; the regression path adds the task kind and the regression data module's stream)
-    "maml_sinusoid": ["data=sinusoid", "model.hidden=[8,8]", "algo=maml", "algo.inner_lr=0.01", "algo.eval_inner_steps=2", "trainer.max_steps=120"],
+    "maml_sinusoid": [*TINY, "data=sinusoid", "model.hidden=[8,8]", "algo=maml", "algo.inner_lr=0.01", "algo.eval_inner_steps=2", "trainer.max_steps=120"],
+    # reinforcement learning: MAML-RL with TRPO on 2-D navigation, rollouts drawn from each task's seed
+    "maml_rl": [
+        "experiment=quick_navigation2d", "task_name=train", "data.horizon=10", "data.meta_batch_size=2", "data.rollouts=2", "data.eval_rollouts=2",
+        "data.n_val_tasks=2", "model.hidden=[8,8]", "algo.eval_inner_steps=1", "callbacks.navigation_trajectories=null", "trainer.max_steps=40",
+    ],
 }
 
 
@@ -57,7 +65,7 @@ def _max_steps(extra: list[str]) -> int:
 
 
 def _command(log_dir: Path, *overrides: str) -> list[str]:
-    return [sys.executable, str(ROOT / "train.py"), f"paths.log_dir={log_dir}", *TINY, *overrides]
+    return [sys.executable, str(ROOT / "train.py"), f"paths.log_dir={log_dir}", *COMMON, *overrides]
 
 
 def _env(data_dir: Path, cache_dir: Path) -> dict:
@@ -95,7 +103,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, data_dir, ca
         assert job.returncode == -signal.SIGKILL, f"{name}: the run ended before it could be killed ({job.returncode}): {error[-2000:]}"
 
     def run(out: str, *overrides: str) -> dict:
-        cfg = compose_train(*TINY, *overrides)
+        cfg = compose_train(*COMMON, *overrides)
         with open_dict(cfg):
             cfg.paths.output_dir = str(tmp_path / out)
         _, objects = train(cfg)
