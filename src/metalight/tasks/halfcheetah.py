@@ -67,6 +67,17 @@ def pooled(key: tuple, count: int, build: Callable[[], Any]) -> list[Any]:
     return pool[:count]
 
 
+def given_tasks(options: dict[str, Any] | None, num_envs: int) -> Tensor | None:
+    """reset()'s options["tasks"] as a tensor [num_envs, 1], None when not given; ValueError for another shape."""
+    tasks = (options or {}).get("tasks")
+    if tasks is None:
+        return None
+    tasks = torch.as_tensor(tasks)
+    if tasks.shape != (num_envs, 1):
+        raise ValueError(f"tasks of shape {list(tasks.shape)} for {num_envs} environments: give [{num_envs}, 1]")
+    return tasks
+
+
 def task_seed(task: np.ndarray, copy: int) -> int:
     """The seed of a copy's start-state noise: a function of its task's parameters and its place in the batch only, so runs replay."""
     bits = [int.from_bytes(struct.pack("<d", float(v)), "little") for v in np.asarray(task, dtype=np.float64).ravel()]
@@ -145,11 +156,8 @@ class HalfCheetahTasks(VectorEnv):
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Tensor, dict[str, Any]]:
         """Every copy back at a (noisy) start state, with the tasks options["tasks"] [num_envs, 1] (kept when not given)."""
-        tasks = (options or {}).get("tasks")
+        tasks = given_tasks(options, self.num_envs)
         if tasks is not None:
-            tasks = torch.as_tensor(tasks)
-            if tasks.shape != (self.num_envs, 1):
-                raise ValueError(f"tasks of shape {list(tasks.shape)} for {self.num_envs} environments: give [{self.num_envs}, 1]")
             self._tasks, self._goals = tasks, tasks[:, 0].detach().cpu().double().numpy()
         if self._tasks is None:
             raise ValueError("reset(options={'tasks': tasks}) first: each environment needs its task")

@@ -27,7 +27,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
 from metalight.errors import ConfigError
-from metalight.tasks.halfcheetah import pooled, require
+from metalight.tasks.halfcheetah import given_tasks, pooled, require
 from metalight.tasks.rl import EnvironmentTasks, RLDataModule
 
 # the `rl` extra; tasks/rl.py already needs gymnasium to list its environments
@@ -121,11 +121,8 @@ class MetaWorldML1(VectorEnv):
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Tensor, dict[str, Any]]:
         """Every arm at its start, set to the tasks options["tasks"] [num_envs, 1] (task numbers; kept when not given)."""
-        tasks = (options or {}).get("tasks")
+        tasks = given_tasks(options, self.num_envs)
         if tasks is not None:
-            tasks = torch.as_tensor(tasks)
-            if tasks.shape != (self.num_envs, 1):
-                raise ValueError(f"tasks of shape {list(tasks.shape)} for {self.num_envs} environments: give [{self.num_envs}, 1]")
             numbers = tasks[:, 0].round().long().tolist()
             if min(numbers) < 0 or max(numbers) >= len(self.tasks_list):
                 raise ValueError(f"task numbers must be in [0, {len(self.tasks_list)}), got {min(numbers)}..{max(numbers)}")
