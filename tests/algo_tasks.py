@@ -109,6 +109,20 @@ def train_validate_save(algorithm: pl.LightningModule, train: Dataset, steps: in
     torch.save(result, f"{out_file}-{devices}-{trainer.global_rank}.pt")
 
 
+def fit_validate_save(algorithm: pl.LightningModule, datamodule: pl.LightningDataModule, steps: int, devices: int, out_file: Path) -> None:
+    """Fit `steps` meta-steps from a data module (DDP over gloo when devices > 1), validate, and save this rank's weights
+    and val/* metrics to f"{out_file}-{devices}-{rank}.pt"."""
+    strategy = DDPStrategy(process_group_backend="gloo") if devices > 1 else "auto"
+    trainer = make_trainer(max_steps=steps, devices=devices, strategy=strategy, precision="64-true")
+    trainer.fit(algorithm, datamodule=datamodule)
+    trainer.validate(algorithm, datamodule=datamodule, verbose=False)
+    result = {
+        "params": {k: v.detach().clone() for k, v in algorithm.state_dict().items()},
+        "val": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
+    }
+    torch.save(result, f"{out_file}-{devices}-{trainer.global_rank}.pt")
+
+
 def launch_two_processes(script: str, out_dir: Path) -> None:
     """Run `python script out_dir` (which starts a 2-process DDP run itself) on CPU only, one thread per process."""
     # keep the caller's PYTHONPATH (metalight may be importable only through it, as on a machine without

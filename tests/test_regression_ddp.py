@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from algo_tasks import launch_two_processes, make_trainer
-from lightning.pytorch.strategies import DDPStrategy
+from algo_tasks import fit_validate_save, launch_two_processes
 
 from metalight.algorithms import CNP, MAML, MetaSGD, Reptile
 from metalight.models import MLP, CNPNetwork
@@ -46,15 +45,7 @@ def run(name: str, devices: int, out_dir: Path) -> None:
     datamodule = RegressionDataModule("metalight.tasks.families.sinusoid", k_shot=6, k_query=4, meta_batch_size=4, eval_batch_size=2,
                                       batches_per_epoch=STEPS, n_val_tasks=5, seed=7)
     algorithm = build(name)
-    strategy = DDPStrategy(process_group_backend="gloo") if devices > 1 else "auto"
-    trainer = make_trainer(max_steps=STEPS, devices=devices, strategy=strategy, precision="64-true")
-    trainer.fit(algorithm, datamodule=datamodule)
-    trainer.validate(algorithm, datamodule=datamodule, verbose=False)
-    result = {
-        "params": {k: v.detach().clone() for k, v in algorithm.state_dict().items()},
-        "val": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
-    }
-    torch.save(result, out_dir / f"{name}-{devices}-{trainer.global_rank}.pt")
+    fit_validate_save(algorithm, datamodule, STEPS, devices, out_dir / name)
 
 
 @pytest.mark.slow

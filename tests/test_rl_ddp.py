@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from algo_tasks import launch_two_processes, make_trainer
-from lightning.pytorch.strategies import DDPStrategy
+from algo_tasks import fit_validate_save, launch_two_processes
 
 pytest.importorskip("gymnasium", reason="the `rl` extra (pip install -e '.[rl]') is not installed")
 
@@ -35,15 +34,7 @@ def run(name: str, devices: int, out_dir: Path) -> None:
     torch.manual_seed(0)
     algorithm = MAMLRL(GaussianMLP(2, 2, hidden=(16, 16)).double(), inner_lr=0.5, eval_inner_steps=2, first_order=name == "first_order")
     algorithm.use_task_kind(datamodule.kind)
-    strategy = DDPStrategy(process_group_backend="gloo") if devices > 1 else "auto"
-    trainer = make_trainer(max_steps=STEPS, devices=devices, strategy=strategy, precision="64-true")
-    trainer.fit(algorithm, datamodule=datamodule)
-    trainer.validate(algorithm, datamodule=datamodule, verbose=False)
-    result = {
-        "params": {k: v.detach().clone() for k, v in algorithm.state_dict().items()},
-        "val": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
-    }
-    torch.save(result, out_dir / f"{name}-{devices}-{trainer.global_rank}.pt")
+    fit_validate_save(algorithm, datamodule, STEPS, devices, out_dir / name)
 
 
 @pytest.mark.slow
