@@ -21,6 +21,13 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ["OMP_NUM_THREADS"] = "1"
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Modules with slow tests (end-to-end runs) first, each module's tests in their order: `make test` hands whole
+    modules to its workers in this order, and long ones left for last would keep one worker busy while the other idles."""
+    slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow") and item.module is not None}
+    items.sort(key=lambda item: item.module is None or item.module.__name__ not in slow_modules)
+
+
 def _data_root() -> Path | None:
     """DATA_DIR if set, else the repository's CI mirror ../shared/data when present."""
     env = os.environ.get("DATA_DIR")
@@ -149,7 +156,9 @@ def train_py_in_process(monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFi
         GlobalHydra.instance().clear()
         monkeypatch.setenv("DATA_DIR", str(data_dir))
         monkeypatch.setenv("METALIGHT_CACHE", str(cache_dir))
-        monkeypatch.setattr("sys.argv", ["train.py", f"paths.log_dir={log_dir}", "trainer.accelerator=cpu", *args])
+        flags = [arg for arg in args if arg.startswith("-")]  # --multirun: before the overrides, as argparse wants
+        overrides = [arg for arg in args if not arg.startswith("-")]
+        monkeypatch.setattr("sys.argv", ["train.py", *flags, f"paths.log_dir={log_dir}", "trainer.accelerator=cpu", *overrides])
         capfd.readouterr()
         try:
             entry.main()

@@ -1,8 +1,6 @@
 """The notebooks run top to bottom on a small slice of the real data and short runs, and are committed without outputs."""
 
 import json
-import os
-import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -88,17 +86,15 @@ def test_episodes_notebook(environment: Path, monkeypatch: pytest.MonkeyPatch) -
 
 
 @pytest.mark.slow
-def test_results_notebook_on_two_short_runs(environment: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_results_notebook_on_two_short_runs(environment: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, train_py_in_process) -> None:
     sweep = tmp_path / "sweep"
-    args = [
-        "-m", "algo=maml,reptile", f"hydra.sweep.dir={sweep}", f"paths.log_dir={tmp_path / 'logs'}", "model=conv4_strided",
+    status, output = train_py_in_process(
+        environment, tmp_path / "logs", "-m", "algo=maml,reptile", f"hydra.sweep.dir={sweep}", "model=conv4_strided",
         "trainer.max_steps=2", "trainer.log_every_n_steps=1", "++trainer.enable_progress_bar=false", "data.batches_per_epoch=1",
         "data.meta_batch_size=2", "data.n_val_tasks=2", "data.n_test_tasks=2", "data.eval_batch_size=2", "data.num_workers=0",
-        "data.persistent_workers=false", "algo.eval_inner_steps=3", "trainer.accelerator=cpu",
-    ]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        "data.persistent_workers=false", "algo.eval_inner_steps=3",
+    )
+    assert status == 0, output[-3000:]
     monkeypatch.setenv("METALIGHT_RUNS", str(sweep / "*"))
     monkeypatch.setenv("METALIGHT_CKPT", str(sweep / "1"))  # job 1 (reptile): its last.ckpt
     notebook = _execute("02_results.ipynb")
@@ -125,15 +121,14 @@ def test_your_task_notebook_adapts_a_run_to_a_folder_made_from_lake_run_1(enviro
 
 
 @pytest.mark.slow
-def test_regression_notebook_on_maml_and_pretrained_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_regression_notebook_on_maml_and_pretrained_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, train_py_in_process) -> None:
     _register_kernel(tmp_path, monkeypatch)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    short = ["trainer.max_steps=10", "data.batches_per_epoch=5", "data.n_val_tasks=4", "data.n_test_tasks=4", "++trainer.enable_progress_bar=false",
-             f"paths.log_dir={tmp_path / 'logs'}", "trainer.accelerator=cpu"]
-    sweep = tmp_path / "sweep"  # both runs in one process: job 0 MAML, job 1 the pretrained baseline
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", "experiment=quick_sinusoid,quick_sinusoid_pretrained",
-                             f"hydra.sweep.dir={sweep}", *short], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    short = ["trainer.max_steps=10", "data.batches_per_epoch=5", "data.n_val_tasks=4", "data.n_test_tasks=4", "++trainer.enable_progress_bar=false"]
+    sweep = tmp_path / "sweep"  # both runs in one sweep: job 0 MAML, job 1 the pretrained baseline
+    status, output = train_py_in_process(
+        tmp_path, tmp_path / "logs", "-m", "experiment=quick_sinusoid,quick_sinusoid_pretrained", f"hydra.sweep.dir={sweep}", *short
+    )
+    assert status == 0, output[-3000:]
     monkeypatch.setenv("METALIGHT_MAML", str(sweep / "0"))
     monkeypatch.setenv("METALIGHT_PRETRAINED", str(sweep / "1"))
     notebook = _execute("04_regression.ipynb")
