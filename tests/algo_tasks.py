@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from torch import Tensor
 from lightning.pytorch.strategies import DDPStrategy
@@ -132,3 +133,17 @@ def launch_two_processes(script: str, out_dir: Path) -> None:
     env.pop("LOCAL_RANK", None)
     done = subprocess.run([sys.executable, script, str(out_dir)], env=env, capture_output=True, text=True, timeout=150)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def assert_stops_with_one_line(cfg, caplog, run_dir: Path, expected: str) -> None:
+    """Training `cfg` through the entry point train.py wraps (cli.run_reporting_errors) ends with one logged error line
+    holding `expected`, exit status 2, and no file in run_dir but Hydra's."""
+    from metalight.runs import cli
+    from metalight.runs.training import train
+
+    with pytest.raises(SystemExit) as stopped:
+        cli.run_reporting_errors(train, cfg)
+    assert stopped.value.code == 2
+    errors = [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
+    assert len(errors) == 1 and expected in errors[0], errors
+    assert not [p for p in run_dir.rglob("*") if p.is_file() and ".hydra" not in p.parts]

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from metalight.algorithms.functional import InnerLoop, make_task_fn, run_tasks, split_state
 from metalight.errors import ConfigError
 from metalight.models import MLP
-from metalight.runs import cli
+from algo_tasks import assert_stops_with_one_line
 from metalight.runs.training import train
 from metalight.tasks import REGRESSION, RegressionDataModule
 from metalight.tasks.kinds import CLASSIFICATION
@@ -199,12 +199,7 @@ def test_bad_input_is_one_line_status_2_and_nothing_written(compose_generated, t
     """Through the entry point train.py wraps (cli.run_reporting_errors): one logged line, exit status 2, no run folder content."""
     data = [] if any(item.startswith("data=") for item in overrides) else ["data=sinusoid"]
     cfg = compose_generated(*data, "algo=maml", *overrides)
-    with pytest.raises(SystemExit) as stopped:
-        cli.run_reporting_errors(train, cfg)
-    assert stopped.value.code == 2
-    errors = [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
-    assert len(errors) == 1 and expected in errors[0], errors
-    assert not [p for p in (tmp_path / "run").rglob("*") if p.is_file() and ".hydra" not in p.parts]
+    assert_stops_with_one_line(cfg, caplog, tmp_path / "run", expected)
 
 
 def test_eval_py_reproduces_a_regression_runs_test_mse(compose_generated, tmp_path) -> None:

@@ -20,7 +20,7 @@ from metalight.algorithms.policy_gradient import (  # noqa: E402
 )
 from metalight.algorithms.trpo import conjugate_gradient  # noqa: E402
 from metalight.models import GaussianMLP  # noqa: E402
-from metalight.runs import cli  # noqa: E402
+from algo_tasks import assert_stops_with_one_line  # noqa: E402
 from metalight.runs.training import train  # noqa: E402
 from metalight.tasks import REINFORCEMENT, RLDataModule  # noqa: E402
 from metalight.tasks.navigation import Navigation2DEnv  # noqa: E402
@@ -236,9 +236,4 @@ def test_a_missing_rl_extra_is_named(monkeypatch) -> None:
 def test_bad_input_is_one_line_status_2_and_nothing_written(compose_generated, tmp_path, caplog, overrides, expected) -> None:
     """Through the entry point train.py wraps (cli.run_reporting_errors): one logged line, exit status 2, no run folder content."""
     cfg = compose_generated("experiment=quick_navigation2d", *overrides)
-    with pytest.raises(SystemExit) as stopped:
-        cli.run_reporting_errors(train, cfg)
-    assert stopped.value.code == 2
-    errors = [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
-    assert len(errors) == 1 and expected in errors[0], errors
-    assert not [p for p in (tmp_path / "run").rglob("*") if p.is_file() and ".hydra" not in p.parts]
+    assert_stops_with_one_line(cfg, caplog, tmp_path / "run", expected)
