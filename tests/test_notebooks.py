@@ -15,7 +15,7 @@ MINI_CLASSES, MINI_IMAGES = 5, 20  # enough for 5-way tasks of 1 + 15 images per
 
 
 def test_notebooks_are_committed_without_outputs() -> None:
-    assert [p.name for p in NOTEBOOKS] == ["01_episodes.ipynb", "02_results.ipynb", "03_your_task.ipynb", "04_regression.ipynb"]
+    assert [p.name for p in NOTEBOOKS] == ["01_episodes.ipynb", "02_results.ipynb", "03_your_task.ipynb", "04_regression.ipynb", "05_meta_rl.ipynb"]
     for path in NOTEBOOKS:
         cells = [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
         assert all(not c.outputs and c.execution_count is None for c in cells), f"{path.name} holds outputs: clear them"
@@ -136,3 +136,36 @@ def test_regression_notebook_on_maml_and_pretrained_runs(tmp_path: Path, monkeyp
     assert "MAML: test MSE before adaptation" in text and "pretrained: test MSE before adaptation" in text and "after 10 steps" in text
     assert text.count("MSE on the grid after 10 steps") == 2 and text.count("on 9 query points") == 2
     assert _images(notebook) == 2  # the curves and per-step MSE, the fits
+
+
+@pytest.mark.slow
+def test_meta_rl_notebook_on_maml_pretrained_and_random_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, train_py_in_process) -> None:
+    from metalight.visualization import inner_step_accuracy, read_scalars
+
+    _register_kernel(tmp_path, monkeypatch)
+    # 2 meta-steps as 2 epochs of 1 (trainer.max_steps would also train the random baseline, whose max_steps is 0)
+    short = ["trainer.max_epochs=2", "data.batches_per_epoch=1", "data.meta_batch_size=2", "++data.rollouts=2", "++data.eval_rollouts=2",
+             "++data.horizon=10", "data.n_val_tasks=3", "data.n_test_tasks=3", "data.eval_batch_size=3", "++trainer.enable_progress_bar=false"]
+    sweep = tmp_path / "sweep"  # the three runs in one sweep: job 0 MAML-RL, job 1 the pretrained baseline, job 2 the random one
+    status, output = train_py_in_process(
+        tmp_path, tmp_path / "logs", "-m", "experiment=quick_navigation2d,quick_navigation2d_pretrained,quick_navigation2d_random",
+        f"hydra.sweep.dir={sweep}", *short,
+    )
+    assert status == 0, output[-3000:]
+    runs = {"MAML": sweep / "0", "pretrained": sweep / "1", "random": sweep / "2"}
+    for name, run in runs.items():
+        monkeypatch.setenv(f"METALIGHT_{name.upper()}", str(run))
+    notebook = _execute("05_meta_rl.ipynb")
+    text = "".join(out.get("text", "") for cell in notebook.cells for out in cell.get("outputs", []))
+    assert "average over 3 test goals" in text and "random: no validation (it never trained)" in text
+    assert text.count("validation return at the last validation") == 2  # MAML and pretrained
+    for name, run in runs.items():  # each run's row of the table: its test return after 0, 1, 2, 3 steps
+        per_step = inner_step_accuracy(read_scalars(run), stage="test", metric="return")
+        assert len(per_step) == 4
+        assert f"{name:<12}" + "".join(f"{v:>8.1f}" for v in per_step) in text, name
+        if name != "random":  # the trajectories of the 3 test goals are the test's own episodes: their mean is the test return
+            line = text[text.index(f"{name}: return of test goals [0, 1, 2] before adaptation "):].splitlines()[0]
+            before, after = (line.split(" before adaptation ")[1].split("; after 3 steps ")[i] for i in (0, 1))
+            for values, expected in ((before, per_step[0]), (after, per_step[3])):
+                assert abs(sum(map(float, values.split(", "))) / 3 - expected) < 0.1, line
+    assert _images(notebook) == 3  # the validation curves, the test return per step, the trajectories
