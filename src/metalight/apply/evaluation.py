@@ -15,10 +15,11 @@ import torch.nn.functional as F
 
 from metalight.algorithms.base import mean_and_ci95
 from metalight.runs.checkpoint_io import write_text_atomically
-from metalight.runs.checkpoints import best_checkpoints, load_checkpoint, load_weights, resolve_checkpoint, saved_run_config
+from metalight.runs.checkpoints import best_checkpoints, load_checkpoint, load_weights, resolve_checkpoint, run_dir_of, saved_run_config
 from metalight.errors import ConfigError
 from metalight.apply.fixed_episodes import evaluate_episodes
 from metalight.runs.training import build
+from metalight.visualization.video import TestEpisodes, check_rendering, video_options, write_videos
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,11 @@ def ensemble_results(outputs: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> 
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Score `cfg.ckpt_path` (or the ensemble of its run's ensemble_top_k best checkpoints) on the fixed test tasks, or on cfg.episodes; save and return the results."""
+    """Score `cfg.ckpt_path` (or the ensemble of its run's ensemble_top_k best checkpoints) on the fixed test tasks, or on cfg.episodes; save and return the results.
+
+    With video.tasks > 0 (a HalfCheetah run), also render the test's episodes of its first video.tasks tasks
+    after the inner steps video.steps into <run>/videos/<checkpoint>/task<i>_step<k>.gif (listed in the results).
+    """
     top_k = cfg.get("ensemble_top_k", 1)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ConfigError(f"ensemble_top_k={top_k!r} is not valid: use a whole number >= 1 (1 = the checkpoint alone, 5 = MAML++'s ensembles).")
@@ -78,11 +83,23 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     checkpoint_path = resolve_checkpoint(cfg.ckpt_path, runs_dir)
     checkpoint = load_checkpoint(checkpoint_path)
     run_cfg = restore_run_config(checkpoint_path, cfg, _override_keys())
+    video = video_options(cfg.get("video"), run_cfg)
+    if video is not None:
+        check_rendering(video, run_cfg.data.env)  # before anything runs: no OpenGL is one line, not a failure after the test
     objects = build(run_cfg)
     algorithm, trainer = objects["algorithm"], objects["trainer"]
     metric = algorithm.metric
     if metric != "acc" and (cfg.get("episodes") or top_k != 1):
         raise ConfigError(f"episodes= and ensemble_top_k > 1 score classification runs; this run's tasks are scored by {metric}: drop them.")
+    recorder = None
+    if video is not None:
+        if trainer.world_size > 1:
+            raise ConfigError("video.tasks renders the test's episodes in one process: set trainer.devices=1.")
+        eval_steps = algorithm.eval_loop.steps
+        if max(video.steps) > eval_steps:
+            raise ConfigError(f"video.steps={list(video.steps)}: the test adapts {eval_steps} steps (algo.eval_inner_steps={eval_steps}): use steps in 0..{eval_steps}.")
+        recorder = TestEpisodes(video.tasks)
+        trainer.callbacks.append(recorder)
     if cfg.get("episodes"):
         if top_k != 1 or trainer.world_size > 1:
             raise ConfigError(f"episodes={cfg.episodes} scores one checkpoint in one process: drop ensemble_top_k, set trainer.devices=1.")
@@ -93,6 +110,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         trainer.test(algorithm, datamodule=objects["datamodule"], verbose=False)
         results = {"checkpoint": str(checkpoint_path), "global_step": checkpoint.get("global_step"), **algorithm.test_results}
         out = checkpoint_path.with_name(checkpoint_path.stem + ".test.json")
+        if recorder is not None:
+            trainer.callbacks.remove(recorder)
+            results["videos"] = write_videos(recorder, video, run_dir_of(checkpoint_path) / "videos" / checkpoint_path.stem, run_cfg.data.env)
     else:
         if trainer.world_size > 1:
             raise ConfigError("ensemble_top_k > 1 evaluates in one process: set trainer.devices=1.")
