@@ -1,4 +1,4 @@
-"""Meta-RL (data=navigation2d, algo=maml_rl): the environment, the baseline, the meta-gradient, TRPO's solver, learning, bad input."""
+"""Meta-RL (data=navigation2d, algo=maml_rl and maml_ppo): the environment, the baseline, the meta-gradient, TRPO's solver, PPO's clipped step, learning, bad input."""
 
 from __future__ import annotations
 
@@ -10,13 +10,15 @@ import torch
 
 pytest.importorskip("gymnasium", reason="the `rl` extra (pip install -e '.[rl]') is not installed")
 
-from metalight.algorithms import MAMLRL  # noqa: E402
+from metalight.algorithms import MAMLPPO, MAMLRL  # noqa: E402
+from metalight.algorithms.maml_ppo import clipped_ratio  # noqa: E402
 from metalight.algorithms.policy_gradient import (  # noqa: E402
     Rollouts,
     baseline_features,
     discounted_returns,
     fit_linear_baseline,
     gae,
+    gaussian_log_prob,
 )
 from metalight.algorithms.trpo import conjugate_gradient  # noqa: E402
 from metalight.models import GaussianMLP  # noqa: E402
@@ -67,9 +69,9 @@ def test_goals_are_finns_and_a_function_of_seed_split_epoch_and_index() -> None:
     assert torch.equal(module(seed=7).tasks("test")[[(0, 2)]]["tasks"], datamodule.tasks("test")[[(0, 2)]]["tasks"]), "eval tasks: eval_seed only"
 
 
-def learner(datamodule: RLDataModule, **options) -> MAMLRL:
+def learner(datamodule: RLDataModule, cls: type[MAMLRL] = MAMLRL, **options) -> MAMLRL:
     torch.manual_seed(0)
-    algorithm = MAMLRL(GaussianMLP(2, 2, hidden=(8, 8), activation=options.pop("activation", "relu")), **options)
+    algorithm = cls(GaussianMLP(2, 2, hidden=(8, 8), activation=options.pop("activation", "relu")), **options)
     algorithm.use_task_kind(datamodule.kind)
     return algorithm
 
@@ -111,6 +113,17 @@ def test_linear_baseline_is_each_tasks_least_squares_fit_and_gae_one_is_returns_
     assert torch.allclose(one_step[2, 0, 3], rollouts.rewards[2, 0, 3] + 0.9 * values[2, 0, 4] - values[2, 0, 3])
 
 
+def along_random_directions(objective, theta: dict[str, torch.Tensor], gradients: list, eps: float = 1e-6):
+    """For 3 random directions d: the central difference of objective(weights) along d, and each gradient's d-component."""
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        direction = {k: torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in theta.items()}
+        with torch.no_grad():
+            plus = objective({k: v + eps * direction[k] for k, v in theta.items()})
+            minus = objective({k: v - eps * direction[k] for k, v in theta.items()})
+        yield float((plus - minus) / (2 * eps)), [sum(float((gr * direction[k]).sum()) for gr, k in zip(grads, theta)) for grads in gradients]
+
+
 def test_second_order_meta_gradient_matches_finite_differences() -> None:
     """The meta-gradient of the outer surrogate through one inner VPG step, against central differences in float64."""
     datamodule = module(horizon=10, rollouts=3)
@@ -127,8 +140,6 @@ def test_second_order_meta_gradient_matches_finite_differences() -> None:
     query_advantage = algorithm.advantages(query)
     with torch.no_grad():
         mean, std = algorithm.policy(algorithm.adapt_on(algorithm.per_task(theta, 3), support, create_graph=False), query.observations)
-        from metalight.algorithms.policy_gradient import gaussian_log_prob
-
         old = (gaussian_log_prob(mean, std, query.actions), mean, std)
 
     def objective(weights: dict[str, torch.Tensor], create_graph: bool) -> torch.Tensor:
@@ -137,16 +148,7 @@ def test_second_order_meta_gradient_matches_finite_differences() -> None:
 
     second = torch.autograd.grad(objective(theta, True), list(theta.values()))
     first = torch.autograd.grad(objective(theta, False), list(theta.values()))
-    g = torch.Generator().manual_seed(1)
-    for _ in range(3):
-        direction = {k: torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in theta.items()}
-        eps = 1e-6
-        with torch.no_grad():
-            plus = objective({k: v + eps * direction[k] for k, v in theta.items()}, False)
-            minus = objective({k: v - eps * direction[k] for k, v in theta.items()}, False)
-        numeric = float((plus - minus) / (2 * eps))
-        analytic = sum(float((gr * direction[k]).sum()) for gr, k in zip(second, theta))
-        first_order = sum(float((gr * direction[k]).sum()) for gr, k in zip(first, theta))
+    for numeric, (analytic, first_order) in along_random_directions(lambda weights: objective(weights, False), theta, [second, first]):
         assert analytic == pytest.approx(numeric, rel=1e-5, abs=1e-8)
         assert abs(first_order - numeric) > 1e-4 * abs(numeric), "the first-order gradient differs: the test sees the second-order term"
 
@@ -166,6 +168,91 @@ def test_conjugate_gradient_solves_a_symmetric_positive_definite_system() -> Non
     x = conjugate_gradient(lambda v: a @ v, b, iterations=6)
     assert torch.allclose(x, torch.linalg.solve(a, b), atol=1e-8)
     assert not torch.allclose(conjugate_gradient(lambda v: a @ v, b, iterations=1), torch.linalg.solve(a, b), atol=1e-3)
+
+
+def backward_without_trainer(algorithm: MAMLRL) -> MAMLRL:
+    """manual_backward needs a Trainer: outside one, a plain backward (one process, nothing to average)."""
+    algorithm.manual_backward = lambda loss, *args, **kwargs: loss.backward(*args, **kwargs)
+    return algorithm
+
+
+def test_ppo_with_one_epoch_and_a_clip_that_never_binds_takes_maml_rls_first_order_meta_gradient() -> None:
+    """PPO's first epoch starts at the weights that sampled: every ratio is 1, and a wide clip leaves -mean(r * A), MAMLRL's surrogate."""
+    datamodule = module(horizon=20, rollouts=4)
+    batch = datamodule.tasks("train")[[(0, 0), (0, 1), (0, 2)]]
+    grads = {}
+    for cls, options in ((MAMLRL, {}), (MAMLPPO, {"epochs": 1, "clip": 1e6})):
+        algorithm = backward_without_trainer(learner(datamodule, cls, inner_lr=0.5, first_order=True, **options))
+        outcome = algorithm.compute_meta_gradient(batch, measure=True)
+        grads[cls] = ([p.grad.clone() for p in algorithm.model.parameters()], outcome)
+    (maml, maml_outcome), (ppo, ppo_outcome) = grads[MAMLRL], grads[MAMLPPO]
+    assert torch.equal(maml_outcome.scores, ppo_outcome.scores), "the same episodes before and after the inner step"
+    torch.testing.assert_close(ppo_outcome.loss, maml_outcome.loss, rtol=0, atol=1e-7)
+    assert any(bool(g.abs().max() > 1e-3) for g in maml)
+    for a, b in zip(ppo, maml):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_ppo_clip_zeroes_the_gradient_of_ratios_beyond_the_range_their_advantage_favours() -> None:
+    ratio = torch.tensor([0.5, 0.9, 1.1, 1.5, 0.5, 1.5, 0.9, 1.1], requires_grad=True)
+    advantage = torch.tensor([1.0, 1.0, 1.0, 1.0, -1.0, -1.0, -1.0, -1.0])
+    objective = clipped_ratio(ratio, advantage, 0.2) * advantage
+    # min(r A, clip(r, 0.8, 1.2) A), by hand
+    assert objective.tolist() == pytest.approx([0.5, 0.9, 1.1, 1.2, -0.8, -1.5, -0.9, -1.1])
+    (grad,) = torch.autograd.grad(objective.sum(), ratio)
+    # r = 1.5 with A > 0 and r = 0.5 with A < 0 are clipped (no pull further); r = 0.5 with A > 0 and r = 1.5 with A < 0,
+    # where the new policy is worse than the old on them, keep their full gradient (the pessimistic bound)
+    assert grad.tolist() == [1.0, 1.0, 1.0, 0.0, 0.0, -1.0, -1.0, -1.0]
+
+    # through the learner: ratios pushed out of [0.8, 1.2] in their advantage's direction give no meta-gradient at
+    # all; the same distance the other way gives one
+    datamodule = module(horizon=20, rollouts=3)
+    algorithm = learner(datamodule, MAMLPPO, clip=0.2)
+    batch = datamodule.tasks("train")[[(0, 0), (0, 1)]]
+    params, _, query, advantage, _ = algorithm.sample_meta_batch(batch)
+    log_prob = algorithm.sampling_distribution(params, query)[0]
+    assert bool((advantage != 0).any())
+    for sign, zero in ((1.0, True), (-1.0, False)):
+        loss = algorithm.clipped_surrogate(params, query, advantage, log_prob - sign * advantage.sign()).mean()
+        grads = torch.autograd.grad(loss, list(algorithm.model.parameters()), retain_graph=True)
+        assert all(bool((g == 0).all()) for g in grads) == zero, sign
+    assert algorithm.last_clipped < 0.01  # the other way nothing is clipped
+
+
+def test_ppo_second_order_meta_gradient_through_the_likelihood_ratio_inner_step_matches_finite_differences() -> None:
+    """A later epoch: weights moved from the ones that sampled; the meta-gradient through the LVC inner step against central differences (float64)."""
+    datamodule = module(horizon=10, rollouts=3)
+    algorithm = learner(datamodule, MAMLPPO, inner_lr=0.5, clip=10.0, activation="tanh")
+    algorithm.model.double()
+    batch = datamodule.tasks("train")[[(0, 0), (0, 1), (0, 2)]]
+    batch["tasks"] = batch["tasks"].double()
+    params, support, query, advantage, _ = algorithm.sample_meta_batch(batch)
+    sampled = algorithm.sampling_distribution(params, query)[0]
+    assert len(support) == 1 and len(support[0]) == 3, "the support keeps its sampling log-likelihoods"
+    g = torch.Generator().manual_seed(2)
+    theta = {k: (v + 0.05 * torch.randn(v.shape, generator=g, dtype=v.dtype)).detach().requires_grad_() for k, v in algorithm.model.named_parameters()}
+
+    def objective(weights: dict[str, torch.Tensor], create_graph: bool, inner: list) -> torch.Tensor:
+        adapted = algorithm.adapt_on(algorithm.per_task(weights, 3), inner, create_graph=create_graph)
+        return algorithm.clipped_surrogate(adapted, query, advantage, sampled).mean()
+
+    second = torch.autograd.grad(objective(theta, True, support), list(theta.values()))
+    reinforce = torch.autograd.grad(objective(theta, True, [entry[:2] for entry in support]), list(theta.values()))
+    for numeric, (analytic, log_likelihood) in along_random_directions(lambda weights: objective(weights, False, support), theta, [second, reinforce]):
+        assert analytic == pytest.approx(numeric, rel=1e-5, abs=1e-8)
+        assert abs(log_likelihood - numeric) > 1e-4 * abs(numeric), "the log-likelihood inner step gives another gradient: the test sees the ratios"
+
+
+def test_ppo_rejects_bad_settings_and_trpo() -> None:
+    from metalight.algorithms import TRPO
+    from metalight.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="algo.clip=0 is not valid"):
+        MAMLPPO(GaussianMLP(2, 2), clip=0)
+    with pytest.raises(ConfigError, match="algo.epochs=0 is not valid"):
+        MAMLPPO(GaussianMLP(2, 2), epochs=0)
+    with pytest.raises(ConfigError, match="not TRPO: use algo=maml_rl"):
+        MAMLPPO(GaussianMLP(2, 2), optimizer=TRPO)
 
 
 def test_maml_rl_learns_navigation_beyond_the_untrained_policy(compose_generated, tmp_path) -> None:
@@ -193,9 +280,28 @@ def test_maml_rl_learns_navigation_beyond_the_untrained_policy(compose_generated
     assert {f"val/return_step{k}" for k in range(4)} | {"train/return", "train/return_before", "train/trpo_kl"} <= set(read_scalars(run))
 
 
-def test_a_stopped_run_resumes_to_the_weights_of_an_uninterrupted_one(compose_generated, tmp_path, caplog) -> None:
-    """Stopped after 2 of 4 meta-steps and restarted in its run folder (as a requeued job): the same weights bit for bit."""
-    tiny = ["experiment=quick_navigation2d", "data.horizon=20", "data.meta_batch_size=4", "data.rollouts=4", "data.n_val_tasks=4",
+def test_maml_ppo_learns_navigation_beyond_the_untrained_policy(compose_generated) -> None:
+    """A few PPO meta-steps (5 Adam epochs each, ProMP's settings) raise the return after one inner step on 20 test goals, by a margin."""
+    scores = {}
+    for name, steps in (("trained", 6), ("untrained", 0)):
+        cfg = compose_generated(
+            *SMALL, "algo=maml_ppo", f"trainer.max_steps={steps}", "data.batches_per_epoch=6", "data.meta_batch_size=4", "data.rollouts=5",
+            "data.n_val_tasks=4", folder=name,
+        )
+        metrics, objects = train(cfg)
+        assert objects["trainer"].global_step == steps, "a meta-step is a meta-batch, whatever its epochs"
+        adam = objects["trainer"].optimizers[0]
+        assert all(int(state["step"]) == 5 * steps for state in adam.state.values()), "5 Adam steps per meta-batch"
+        scores[name] = [metrics[f"test/return_step{k}"] for k in range(4)]
+    trained, untrained = scores["trained"], scores["untrained"]
+    # measured: -42.7 / -40.2 / -39.3 / -37.5 against -69.8 / -68.0 / -69.6 / -66.7 (2.4 s)
+    assert trained[1] > untrained[1] + 10, (trained, untrained)
+
+
+@pytest.mark.parametrize("algo", ["maml_rl", "maml_ppo"])
+def test_a_stopped_run_resumes_to_the_weights_of_an_uninterrupted_one(compose_generated, tmp_path, caplog, algo) -> None:
+    """Stopped after 2 of 4 meta-steps and restarted in its run folder (as a requeued job): the same weights bit for bit (MAML-PPO: Adam's moments too)."""
+    tiny = ["experiment=quick_navigation2d", f"algo={algo}", "data.horizon=20", "data.meta_batch_size=4", "data.rollouts=4", "data.n_val_tasks=4",
             "data.eval_rollouts=4", "data.batches_per_epoch=2", "test=false", "logger=csv", "callbacks.last_checkpoint.every_n_steps=1"]
     train(compose_generated(*tiny, "trainer.max_steps=4", folder="whole"))
     train(compose_generated(*tiny, "trainer.max_steps=2", folder="resumed"))
@@ -230,6 +336,8 @@ def test_a_missing_rl_extra_is_named(monkeypatch) -> None:
         (["data.env=cheetah"], "data.env='cheetah' is not known: use one of navigation2d"),
         (["model=mlp"], "algo=maml_rl needs a Gaussian policy returning (mean, std), but MLP does not: use model=gaussian_mlp"),
         (["algo=maml"], "gives reinforcement tasks: choose algo=maml_rl"),
+        (["algo=maml_ppo", "algo.clip=0"], "algo.clip=0 is not valid: use a number > 0"),
+        (["algo=maml_ppo", "algo.optimizer._target_=metalight.algorithms.TRPO"], "not TRPO: use algo=maml_rl"),
         (["data.env_options.goal_range=[0.5,-0.5]"], "data.env_options.goal_range=[0.5, -0.5] must be [low, high]"),
     ],
 )

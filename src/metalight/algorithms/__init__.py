@@ -2,7 +2,7 @@
 
 Gradient-based: MAML / first-order MAML, and on its meta-step ANIL, Meta-SGD and MAML++; Reptile;
 metric-based: Prototypical Networks; pretrain-then-fit: Baseline, Baseline++ and RFS-simple;
-reinforcement learning: MAML-RL with a TRPO outer step.
+reinforcement learning: MAML-RL with a TRPO outer step, or with ProMP's PPO outer step.
 """
 
 from metalight.algorithms.anil import ANIL
@@ -10,6 +10,7 @@ from metalight.algorithms.base import EpisodicModule, NonFiniteMetaStepError
 from metalight.algorithms.baseline import Baseline
 from metalight.algorithms.cnp import CNP
 from metalight.algorithms.maml import MAML
+from metalight.algorithms.maml_ppo import MAMLPPO
 from metalight.algorithms.maml_rl import MAMLRL
 from metalight.algorithms.mamlpp import MAMLpp
 from metalight.algorithms.matchingnet import MatchingNet
@@ -19,4 +20,4 @@ from metalight.algorithms.relationnet import RelationNet
 from metalight.algorithms.reptile import Reptile
 from metalight.algorithms.trpo import TRPO
 
-__all__ = ["ANIL", "CNP", "MAML", "MAMLRL", "TRPO", "Baseline", "MAMLpp", "EpisodicModule", "MatchingNet", "MetaSGD", "NonFiniteMetaStepError", "ProtoNet", "RelationNet", "Reptile"]
+__all__ = ["ANIL", "CNP", "MAML", "MAMLPPO", "MAMLRL", "TRPO", "Baseline", "MAMLpp", "EpisodicModule", "MatchingNet", "MetaSGD", "NonFiniteMetaStepError", "ProtoNet", "RelationNet", "Reptile"]

@@ -37,6 +37,9 @@ class MAMLRL(EpisodicModule):
     """MAML-TRPO (second order unless first_order) with a VPG inner loop on rollouts it samples itself (algo=maml_rl)."""
 
     task_kinds = ("reinforcement",)
+    # the inner surrogate while meta-training: REINFORCE's log-likelihood (Finn et al., pytorch-maml-rl), or the
+    # likelihood ratio to the policy that sampled the support rollouts (ProMP's LVC; MAMLPPO)
+    likelihood_ratio_inner = False
 
     def __init__(
         self,
@@ -121,13 +124,23 @@ class MAMLRL(EpisodicModule):
         """Normalized GAE advantages [B, R, T] on the per-task linear baseline."""
         return advantages(rollouts, self.gamma, self.gae_lambda, self.baseline_reg, self.normalize_advantages)
 
-    def inner_step(self, params: Params, rollouts: Rollouts, advantage: Tensor, lr: float, create_graph: bool) -> Params:
-        """One VPG step per task: w_b - lr * grad of task b's REINFORCE surrogate (the gradient differentiable in the weights when create_graph)."""
+    def inner_step(
+        self, params: Params, rollouts: Rollouts, advantage: Tensor, lr: float, create_graph: bool, sampled_log_prob: Tensor | None = None
+    ) -> Params:
+        """One VPG step per task: w_b - lr * grad of task b's REINFORCE surrogate (the gradient differentiable in the weights when create_graph).
+
+        sampled_log_prob: the actions' log-likelihoods [B, R, T] under the policy that sampled them; given, the
+        surrogate takes the likelihood ratio pi / pi_sampled in place of log pi (ProMP's LVC objective, algo=maml_ppo):
+        the same gradient at the sampling policy, importance-weighted away from it, and its Hessian keeps the score's
+        outer product that the log-likelihood's drops.
+        """
         # first order: the gradient is taken at a detached copy (a constant), the step stays differentiable in the weights
         at = params if create_graph else {k: v.detach().requires_grad_() for k, v in params.items()}
         with torch.enable_grad():
             mean, std = self.policy(at, rollouts.observations)
-            losses = torch.vmap(self.task_kind.loss)(gaussian_log_prob(mean, std, rollouts.actions), advantage)
+            log_prob = gaussian_log_prob(mean, std, rollouts.actions)
+            objective = log_prob if sampled_log_prob is None else (log_prob - sampled_log_prob).exp()
+            losses = torch.vmap(self.task_kind.loss)(objective, advantage)
             grads = torch.autograd.grad(losses.sum(), tuple(at.values()), create_graph=create_graph)
         return {k: p - lr * g for (k, p), g in zip(params.items(), grads)}
 
@@ -140,11 +153,34 @@ class MAMLRL(EpisodicModule):
         return torch.vmap(self.task_kind.score)(rollouts.rewards, rollouts.mask)
 
     # ---- meta-training ---------------------------------------------------------------------------
-    def adapt_on(self, params: Params, support: list[tuple[Rollouts, Tensor]], create_graph: bool) -> Params:
-        """The weights after one VPG step on each of the given (rollouts, advantages), in order."""
-        for rollouts, advantage in support:
-            params = self.inner_step(params, rollouts, advantage, self.train_loop.lr, create_graph)
+    def adapt_on(self, params: Params, support: list[tuple[Tensor, ...]], create_graph: bool) -> Params:
+        """The weights after one VPG step on each of the given (rollouts, advantages[, log-likelihoods under the sampling policy]), in order."""
+        for rollouts, advantage, *sampled_log_prob in support:
+            params = self.inner_step(params, rollouts, advantage, self.train_loop.lr, create_graph, *sampled_log_prob)
         return params
+
+    def sampling_distribution(self, params: Params, rollouts: Rollouts) -> tuple[Tensor, Tensor, Tensor]:
+        """(log-likelihoods of the actions [B, R, T], mean, std) under the policies `params`, without gradient: pi_old of the ratios."""
+        with torch.no_grad():
+            mean, std = self.policy(params, rollouts.observations)
+            return gaussian_log_prob(mean, std, rollouts.actions), mean, std
+
+    def sample_meta_batch(self, batch: dict[str, Tensor]) -> tuple[Params, list[tuple[Tensor, ...]], Rollouts, Tensor, Tensor]:
+        """Roll out, adapt, roll out again: the adapted weights (their graph to the meta-parameters second order unless
+        first_order), the support [(rollouts, advantages[, their sampling log-likelihoods when likelihood_ratio_inner])]
+        per inner step, the query rollouts and advantages, and each task's return before and after each step [B, steps + 1]."""
+        theta, _ = split_state(self.model)
+        loop = self.train_loop
+        params, support, returns = self.per_task(theta, self.batch_size_of(batch)), [], []
+        for step in range(loop.steps):
+            rollouts = self.rollouts(params, batch, step, self.environment.rollouts)
+            sampled = (self.sampling_distribution(params, rollouts)[0],) if self.likelihood_ratio_inner else ()
+            support.append((rollouts, self.advantages(rollouts), *sampled))
+            returns.append(self.score(rollouts))
+            params = self.adapt_on(params, support[-1:], create_graph=not loop.first_order)
+        query = self.rollouts(params, batch, loop.steps, self.environment.rollouts)
+        returns.append(self.score(query))
+        return params, support, query, self.advantages(query), torch.stack(returns, 1)
 
     def surrogate(self, params: Params, query: Rollouts, advantage: Tensor, old: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         """Per-task outer surrogate -mean(pi/pi_old * A) [B] and mean KL(pi || pi_old) over live steps [B], old = (log-probs, mean, std)."""
@@ -156,21 +192,9 @@ class MAMLRL(EpisodicModule):
 
     def compute_meta_gradient(self, batch: dict[str, Tensor], measure: bool) -> TaskOutcome:
         """Roll out, adapt, roll out again, leave the surrogate's meta-gradient in .grad and hand TRPO its trust-region problem."""
-        theta, _ = split_state(self.model)
+        params, support, query, query_advantage, returns = self.sample_meta_batch(batch)
         n_tasks = self.batch_size_of(batch)
-        loop = self.train_loop
-        params, support, returns = self.per_task(theta, n_tasks), [], []
-        for step in range(loop.steps):
-            rollouts = self.rollouts(params, batch, step, self.environment.rollouts)
-            support.append((rollouts, self.advantages(rollouts)))
-            returns.append(self.score(rollouts))
-            params = self.inner_step(params, *support[-1], loop.lr, create_graph=not loop.first_order)
-        query = self.rollouts(params, batch, loop.steps, self.environment.rollouts)
-        returns.append(self.score(query))
-        query_advantage = self.advantages(query)
-        with torch.no_grad():
-            mean, std = self.policy(params, query.observations)
-            old = (gaussian_log_prob(mean, std, query.actions), mean, std)
+        old = self.sampling_distribution(params, query)
         losses, kl = self.surrogate(params, query, query_advantage, old)
         loss = losses.mean()
         self.manual_backward(loss, retain_graph=True)  # TRPO differentiates the KL, which shares this graph
@@ -186,7 +210,7 @@ class MAMLRL(EpisodicModule):
 
             average = lambda tensor: self.trainer.strategy.reduce(tensor, reduce_op="mean")  # noqa: E731
             optimizer.problem = TrustRegionProblem(average(loss.detach()), kl.mean(), evaluate, average)
-        return TaskOutcome(losses.detach(), torch.stack(returns, 1), {}, losses.new_zeros(0))
+        return TaskOutcome(losses.detach(), returns, {}, losses.new_zeros(0))
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         """The base meta-step, then TRPO's diagnostics (KL of the step, accepted fraction of the full step)."""
