@@ -14,6 +14,7 @@ pytest.importorskip("mujoco", reason="the `rl` extra (pip install -e '.[rl]') is
 from metalight.errors import ConfigError  # noqa: E402
 from metalight.runs.training import train  # noqa: E402
 from metalight.tasks.halfcheetah import HalfCheetahDirection, HalfCheetahVelocity  # noqa: E402
+from metalight.algorithms.policy_gradient import sample_rollouts  # noqa: E402
 from metalight.tasks.rl import RLDataModule  # noqa: E402
 
 
@@ -54,12 +55,26 @@ def test_halfcheetah_rewards_equal_a_hand_computation_from_the_simulator(cls, go
     assert observation.shape == (3, 20) and env.observation_dim == 20 and env.action_dim == 6
 
 
-def test_halfcheetah_start_states_replay() -> None:
-    """The same tasks in the same places start from the same noisy state, different copies from different ones."""
-    tasks = torch.tensor([[1.0], [1.0]])
-    first, _ = HalfCheetahDirection(2).reset(options={"tasks": tasks})
-    again, _ = HalfCheetahDirection(2).reset(options={"tasks": tasks})
+def test_halfcheetah_start_states_come_from_each_copys_seed() -> None:
+    """The same seeds replay the same noisy start states whatever the task; copies of one task with other seeds start elsewhere."""
+    first, _ = HalfCheetahDirection(2).reset(seed=[3, 4], options={"tasks": torch.tensor([[1.0], [1.0]])})
+    again, _ = HalfCheetahDirection(2).reset(seed=[3, 4], options={"tasks": torch.tensor([[-1.0], [1.0]])})
+    other, _ = HalfCheetahDirection(2).reset(seed=[5, 4], options={"tasks": torch.tensor([[1.0], [1.0]])})
     assert torch.equal(first, again) and not torch.equal(first[0], first[1])
+    assert not torch.equal(first[0], other[0]) and torch.equal(first[1], other[1])
+
+
+def test_sampled_tasks_start_from_fresh_states_the_same_in_each_phase() -> None:
+    """The sampler's reset seeds: every task x rollout its own start state (the references draw fresh noise at each
+    reset), the same before and after an adaptation step (a task's phases), other ones for a task of another seed."""
+    env = RLDataModule(env="halfcheetah_dir", horizon=1, rollouts=2).environment
+    tasks, still = torch.tensor([[1.0], [1.0]]), lambda observations: (torch.zeros(*observations.shape[:-1], 6), torch.full((6,), 1e-9))
+    starts = [sample_rollouts(env, still, tasks, seeds, phase, 2).observations[:, :, 0] for seeds, phase in
+              ((torch.tensor([7, 8]), 0), (torch.tensor([7, 8]), 1), (torch.tensor([9, 8]), 0))]
+    flat = starts[0].reshape(4, -1)
+    assert all(not torch.equal(flat[i], flat[j]) for i in range(4) for j in range(i))  # 2 tasks of one direction x 2 rollouts
+    assert torch.equal(starts[0], starts[1])  # phases 0 and 1 of the same tasks
+    assert not torch.equal(starts[0][0], starts[2][0]) and torch.equal(starts[0][1], starts[2][1])
 
 
 def datamodule(env: str, **options) -> RLDataModule:

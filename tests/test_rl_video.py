@@ -72,7 +72,9 @@ def test_videos_show_the_tests_own_episodes_before_and_after_adaptation(egl, che
     those of the task's first rollout (its start state is that copy's), and its return that episode's (the distance it ran, less at most
     the control cost)."""
     from metalight.apply import evaluation
+    from metalight.algorithms.policy_gradient import start_seeds
     from metalight.tasks.halfcheetah import HalfCheetahDirection
+    from metalight.tasks.rl import RLDataModule
 
     recorders = []
 
@@ -99,13 +101,17 @@ def test_videos_show_the_tests_own_episodes_before_and_after_adaptation(egl, che
         assert np.mean([v["task_return"] for v in videos]) == pytest.approx(results["return_steps"][k], rel=1e-5, abs=1e-5)
         assert all(v["frames"] == 7 and v["task_parameters"][0] in (-1.0, 1.0) for v in videos)
     assert any(v["return"] != pytest.approx(v["task_return"]) for v in results["videos"]), "the shown episode is rollout 0 of 2, not their mean"
-    # the states: task i is task i % 2 of its test batch of 2 tasks x 2 rollouts; its first rollout is copy 2 * (i % 2)
+    # the states: task i is task i % 2 of its test batch of 2 tasks x 2 rollouts; its first rollout is copy 2 * (i % 2),
+    # started from that copy's seed (start_seeds of the batch's task seeds)
     episodes = recorders[0].episodes
+    test_data = RLDataModule(env="halfcheetah_dir", horizon=6, rollouts=1, eval_rollouts=2, eval_batch_size=2, n_test_tasks=3)
+    test_data.setup()
+    test_batches = list(test_data.test_dataloader())
     for i in range(3):
-        first = i - i % 2  # the first task of its batch
-        tasks = torch.tensor([episodes[(j, 0)]["task"] for j in range(first, min(first + 2, 3))]).repeat_interleave(2, dim=0)
-        env = HalfCheetahDirection(len(tasks), horizon=6)
-        env.reset(options={"tasks": tasks})
+        batch = test_batches[i // 2]
+        assert torch.equal(batch["tasks"][i % 2], torch.tensor(episodes[(i, 0)]["task"], dtype=batch["tasks"].dtype))
+        env = HalfCheetahDirection(2 * len(batch["tasks"]), horizon=6)
+        env.reset(seed=start_seeds(batch["seeds"], 2), options={"tasks": batch["tasks"].repeat_interleave(2, dim=0)})
         for k in (0, 1):
             episode = episodes[(i, k)]
             assert np.array_equal(episode["states"][0], env.states[2 * (i % 2)]) and not np.array_equal(episode["states"][0], env.states[1])

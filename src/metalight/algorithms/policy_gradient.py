@@ -35,11 +35,19 @@ def phase_seed(seed: int, phase: int) -> int:
     return int(np.random.SeedSequence([seed, phase]).generate_state(1)[0])
 
 
+def start_seeds(seeds: Tensor, rollouts: int) -> list[int]:
+    """The reset seed of each task x rollout copy (its start-state noise, e.g. HalfCheetah's): a function of the
+    task's seed and the rollout's index only, so each training task starts from fresh states, and a task starts each
+    of its sampling phases (before and after every adaptation step) from the same ones, as a fixed val/test task does at
+    every validation."""
+    return [int(np.random.SeedSequence(s, spawn_key=(r,)).generate_state(1)[0]) for s in seeds.tolist() for r in range(rollouts)]
+
+
 def sample_rollouts(environment: TaskEnvironment, act: Policy, tasks: Tensor, seeds: Tensor, phase: int, rollouts: int) -> Rollouts:
     """`rollouts` episodes of every task (parameters tasks [B, task_dim]) under the Gaussian policy `act`, all in one vector environment.
 
     Actions are mean + std * noise, the noise of task b drawn from its own generator (seeds[b], phase): a
-    task's episodes do not depend on the other tasks of its batch. The stored actions are the sampled ones
+    task's episodes do not depend on the other tasks of its batch; its start states come from start_seeds. The stored actions are the sampled ones
     (the environment clips what it applies), as the references store them. No gradient flows through sampling.
     """
     n_tasks, horizon, action_dim = len(tasks), environment.horizon, environment.action_dim
@@ -47,7 +55,7 @@ def sample_rollouts(environment: TaskEnvironment, act: Policy, tasks: Tensor, se
         [torch.randn(rollouts, horizon, action_dim, generator=torch.Generator().manual_seed(phase_seed(s, phase))) for s in seeds.tolist()]
     ).to(tasks)
     env = environment.make(n_tasks * rollouts)
-    observation, _ = env.reset(options={"tasks": tasks.repeat_interleave(rollouts, dim=0)})
+    observation, _ = env.reset(seed=start_seeds(seeds, rollouts), options={"tasks": tasks.repeat_interleave(rollouts, dim=0)})
     observation = observation.view(n_tasks, rollouts, -1)
     alive = torch.ones(n_tasks, rollouts, dtype=tasks.dtype, device=tasks.device)
     observations, actions, rewards, mask = [], [], [], []

@@ -25,7 +25,6 @@ one-line ConfigError naming the extra, and data=navigation2d runs without it.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -78,10 +77,14 @@ def given_tasks(options: dict[str, Any] | None, num_envs: int) -> Tensor | None:
     return tasks
 
 
-def task_seed(task: np.ndarray, copy: int) -> int:
-    """The seed of a copy's start-state noise: a function of its task's parameters and its place in the batch only, so runs replay."""
-    bits = [int.from_bytes(struct.pack("<d", float(v)), "little") for v in np.asarray(task, dtype=np.float64).ravel()]
-    return int(np.random.SeedSequence([copy, *bits]).generate_state(1)[0])
+def copy_seeds(seed: int | list[int] | None, num_envs: int) -> list[int | None]:
+    """reset()'s seed as one seed per copy, as gymnasium's vector environments take it: a list (one each), an int
+    (seed + i for copy i) or None (each copy's generator goes on where it was)."""
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != num_envs:
+            raise ValueError(f"{len(seed)} seeds for {num_envs} environments: give one each")
+        return list(seed)
+    return [None if seed is None else seed + i for i in range(num_envs)]
 
 
 class HalfCheetahTasks(VectorEnv):
@@ -89,7 +92,8 @@ class HalfCheetahTasks(VectorEnv):
 
     reset(options={"tasks": [num_envs, 1]}) sets each copy's task (kept when not given) and puts it at
     HalfCheetah-v5's start state plus its noise (uniform +-reset_noise_scale on qpos, normal on qvel), the
-    noise seeded by the copy's task and index (task_seed): the same batch replays the same episodes.
+    noise drawn from the copy's seed (reset(seed=[one per copy]); the sampler gives each task x rollout its own,
+    policy_gradient.start_seeds): the same seeds replay the same episodes.
     step(actions [num_envs, 6]) returns (observations [num_envs, 20], rewards, terminated (never),
     truncated (after `horizon` steps), info with the forward velocities and control costs). Tensors in,
     tensors out (float32, on the tasks' device); nothing resets by itself (autoreset disabled).
@@ -154,8 +158,8 @@ class HalfCheetahTasks(VectorEnv):
         """The task term of the reward from the forward velocities [num_envs] (the subclasses')."""
         raise NotImplementedError
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Tensor, dict[str, Any]]:
-        """Every copy back at a (noisy) start state, with the tasks options["tasks"] [num_envs, 1] (kept when not given)."""
+    def reset(self, *, seed: int | list[int] | None = None, options: dict[str, Any] | None = None) -> tuple[Tensor, dict[str, Any]]:
+        """Every copy back at a (noisy) start state of its seed (copy_seeds), with the tasks options["tasks"] [num_envs, 1] (kept when not given)."""
         tasks = given_tasks(options, self.num_envs)
         if tasks is not None:
             self._tasks, self._goals = tasks, tasks[:, 0].detach().cpu().double().numpy()
@@ -164,8 +168,8 @@ class HalfCheetahTasks(VectorEnv):
         import mujoco
 
         observations = []
-        for i, sim in enumerate(self.sims):
-            sim.reset(seed=task_seed(self._goals[i : i + 1], i))
+        for i, (sim, copy_seed) in enumerate(zip(self.sims, copy_seeds(seed, self.num_envs))):
+            sim.reset(seed=copy_seed)
             mujoco.mj_getState(sim.model, sim.data, self.states[i], self.state_spec)
             observations.append(np.concatenate([sim.data.qpos.flat[1:], sim.data.qvel.flat, sim.get_body_com("torso").flat]))
         self._t = 0

@@ -70,7 +70,7 @@ class MetaWorldML1(VectorEnv):
 
     Episodes last `horizon` steps (Meta-World's max_path_length is 500 and bounds it); nothing terminates;
     reset puts each arm at the task's start with its object and goal (deterministic: Meta-World adds no
-    noise). step returns (observations [num_envs, 39], rewards, terminated, truncated, info) with
+    noise, so reset's seed changes nothing). step returns (observations [num_envs, 39], rewards, terminated, truncated, info) with
     info["success"] the 0/1 of each copy at this step; episode_success [num_envs] is whether a copy has
     succeeded since its reset. Tensors in, tensors out (float32, on the tasks' device).
     """
@@ -119,7 +119,7 @@ class MetaWorldML1(VectorEnv):
 
         return np.asarray(pickle.loads(self.tasks_list[number].data)["rand_vec"][-3:])
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Tensor, dict[str, Any]]:
+    def reset(self, *, seed: int | list[int] | None = None, options: dict[str, Any] | None = None) -> tuple[Tensor, dict[str, Any]]:
         """Every arm at its start, set to the tasks options["tasks"] [num_envs, 1] (task numbers; kept when not given)."""
         tasks = given_tasks(options, self.num_envs)
         if tasks is not None:

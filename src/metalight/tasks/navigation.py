@@ -71,7 +71,7 @@ class Navigation2DEnv(VectorEnv):
         if not isinstance(normalized_actions, bool):
             raise ConfigError(f"data.env_options.normalized_actions={normalized_actions!r} must be true or false.")
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Tensor, dict[str, Any]]:
+    def reset(self, *, seed: int | list[int] | None = None, options: dict[str, Any] | None = None) -> tuple[Tensor, dict[str, Any]]:
         """Every point back at the origin, with the goals options["tasks"] [num_envs, 2] (kept when not given)."""
         goals = (options or {}).get("tasks")
         if goals is not None:
