@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("algo", ["maml", "fomaml", "reptile"])
 def test_fast_dev_run(compose_train, algo):
-    cfg = compose_train(f"algo={algo}", "debug=fast_dev_run", "logger=csv", "data.meta_batch_size=4", "data.eval_batch_size=4")
+    # two evaluation inner steps: Reptile's default 50 would make this its slowest case, and the count does not change the path
+    cfg = compose_train(f"algo={algo}", "debug=fast_dev_run", "logger=csv", "data.meta_batch_size=4", "data.eval_batch_size=4", "algo.eval_inner_steps=2")
     metrics, objects = train(cfg)
     assert objects["trainer"].global_step == 1
     assert 0.0 <= metrics["test/acc"] <= 1.0
