@@ -9,6 +9,7 @@ import secrets
 import sys
 import tempfile
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -82,15 +83,21 @@ def _write_error_message(target: Path, error: OSError) -> str:
     )
 
 
-def write_text_atomically(path: str | Path, text: str) -> None:
-    """Write a small text file (JSON, CSV) through a temporary file beside it, so readers never see half of it."""
+def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Have write(temporary) fill a temporary file beside `path`, then rename it over `path`: readers never see half
+    of it, and a failed write leaves neither a partial file nor the temporary one."""
     path = Path(path)
     temporary = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
-        temporary.write_text(text)
+        write(temporary)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def write_text_atomically(path: str | Path, text: str) -> None:
+    """Write a small text file (JSON, CSV) atomically (write_atomically)."""
+    write_atomically(path, lambda temporary: temporary.write_text(text))
 
 
 def ensure_writable(directory: str | Path, setting: str = "paths.log_dir") -> Path:

@@ -31,6 +31,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 
 from metalight.errors import ConfigError
+from metalight.runs.checkpoint_io import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -252,9 +253,7 @@ def write_gif(path: Path, frames: list[np.ndarray], fps: float) -> None:
 
     images = [Image.fromarray(frame) for frame in frames]
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    images[0].save(partial, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
-    partial.replace(path)
+    write_atomically(path, lambda temporary: images[0].save(temporary, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0))
 
 
 def task_label(env: str, task: list[float]) -> str:
