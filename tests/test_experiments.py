@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from metalight.runs.checkpoints import load_checkpoint, monitored_score
 from metalight.runs.config import validate_config
 from metalight.errors import CheckpointError
-from metalight.apply.evaluation import ensemble_results, evaluate
+from metalight.apply.evaluation import ensemble_results, evaluate, results_path, run_overrides
 from metalight.runs.training import train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -90,12 +90,31 @@ def test_eval_reproduces_the_runs_test_accuracy(short_quick_run, compose_train):
     best = objects["trainer"].checkpoint_callback.best_model_path
     eval_cfg = compose_train(f"ckpt_path={best}", config_name="eval")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("metalight.apply.evaluation._override_keys", lambda: [])
+        patch.setattr("metalight.apply.evaluation._overrides", lambda: [])
         results = evaluate(eval_cfg)
     assert results["acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
     assert results["n_tasks"] == cfg.data.n_test_tasks
     saved = json.loads(Path(best).with_name(Path(best).stem + ".test.json").read_text())
     assert saved["acc"] == pytest.approx(results["acc"]) and len(saved["acc_steps"]) == cfg.algo.eval_inner_steps + 1
+    assert saved["overrides"] == []
+    # scored again in another setting: its own file, naming and listing the override; the first result stays
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("metalight.apply.evaluation._overrides", lambda: ["data.n_test_tasks=20", "trainer.devices=1"])
+        fewer = evaluate(compose_train(f"ckpt_path={best}", "data.n_test_tasks=20", config_name="eval"))
+    assert fewer["n_tasks"] == 20 and fewer["overrides"] == ["data.n_test_tasks=20"]
+    assert json.loads(Path(best).with_name(Path(best).stem + ".data.n_test_tasks=20.test.json").read_text())["n_tasks"] == 20
+    assert json.loads(Path(best).with_name(Path(best).stem + ".test.json").read_text()) == saved
+
+
+def test_results_files_are_named_by_the_settings_they_measure(tmp_path):
+    assert run_overrides(["+algo.transductive=false", "trainer.devices=2", "data.n_way=20", "ckpt_path=x", "video.tasks=1"]) == [
+        "algo.transductive=false", "data.n_way=20"]
+    assert results_path(tmp_path, "best", "test", []) == tmp_path / "best.test.json"
+    assert results_path(tmp_path, "top5", "lake_runs", ["data.n_way=20", "algo.transductive=false"]) == tmp_path / (
+        "top5.data.n_way=20,algo.transductive=false.lake_runs.json")
+    assert results_path(tmp_path, "best", "test", ["data.root=/my data/omniglot"]).name == "best.data.root=_my_data_omniglot.test.json"
+    long_a, long_b = (results_path(tmp_path, "best", "test", [f"data.root={'x' * 200}{end}"]).name for end in "ab")
+    assert long_a != long_b and len(long_a) < 150
 
 
 def test_eval_rejects_bad_checkpoints(tmp_path, compose_train):
@@ -123,7 +142,7 @@ def test_eval_ensembles_the_best_checkpoints(short_quick_run, compose_train):
     _, _, objects = short_quick_run
     folder = Path(objects["trainer"].checkpoint_callback.best_model_path).parent
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("metalight.apply.evaluation._override_keys", lambda: [])
+        patch.setattr("metalight.apply.evaluation._overrides", lambda: [])
         results = evaluate(compose_train(f"ckpt_path={folder / 'last.ckpt'}", "ensemble_top_k=2", config_name="eval"))
         singles = [evaluate(compose_train(f"ckpt_path={member}", config_name="eval"))["acc"] for member in results["members"]]
         with pytest.raises(CheckpointError, match="save_top_k=3"):

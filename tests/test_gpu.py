@@ -206,7 +206,7 @@ def test_checkpoint_evaluates_on_another_device(runs, compose_train, monkeypatch
     written = runs(written_on)
     checkpoint = written["reference"]["trainer"].checkpoint_callback.best_model_path
     assert load_checkpoint(checkpoint)["state_dict"]  # a plain dict that loads on the CPU, whatever wrote it
-    monkeypatch.setattr("metalight.apply.evaluation._override_keys", lambda: [])
+    monkeypatch.setattr("metalight.apply.evaluation._overrides", lambda: [])
     results = evaluate(compose_train(f"ckpt_path={checkpoint}", config_name="eval", accelerator=ACCELERATOR[read_on]))
     expected = written["metrics"]
     record_property("acc_diff", abs(results["acc"] - expected["test/acc"]))

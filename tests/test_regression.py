@@ -212,7 +212,7 @@ def test_eval_py_reproduces_a_regression_runs_test_mse(compose_generated, tmp_pa
     best = objects["trainer"].checkpoint_callback.best_model_path
     eval_cfg = compose_generated(f"ckpt_path={best}", config_name="eval", folder="eval")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("metalight.apply.evaluation._override_keys", lambda: [])
+        patch.setattr("metalight.apply.evaluation._overrides", lambda: [])
         results = evaluate(eval_cfg)
     assert results["mse"] == pytest.approx(metrics["test/mse"], rel=1e-6) and "acc" not in results
     assert len(results["mse_steps"]) == cfg.algo.eval_inner_steps + 1 and results["n_tasks"] == cfg.data.n_test_tasks

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +30,32 @@ RUN_GROUPS = ("data", "model", "algo")
 EVAL_GROUPS = ("trainer", "logger", "callbacks", "paths")
 
 
-def _override_keys() -> list[str]:
-    """Config keys given on this job's command line (without +/~ prefixes and values)."""
+def _overrides() -> list[str]:
+    """This job's command-line overrides, as given (key=value, with any +/~ prefix)."""
     if not HydraConfig.initialized():
         return []
-    return [item.split("=", 1)[0].lstrip("~+") for item in HydraConfig.get().overrides.task]
+    return list(HydraConfig.get().overrides.task)
+
+
+def _key(override: str) -> str:
+    """The config key of a command-line override (no +/~ prefix, no value)."""
+    return override.split("=", 1)[0].lstrip("~+")
+
+
+def run_overrides(overrides: list[str]) -> list[str]:
+    """The overrides that change what is measured: data/model/algo keys (a 20-way test of a 5-way run, 1 query per class)."""
+    return [item.lstrip("+") for item in overrides if _key(item).split(".")[0] in RUN_GROUPS]
+
+
+def results_path(folder: Path, stem: str, kind: str, overrides: list[str]) -> Path:
+    """folder/<stem>.<kind>.json, or <stem>.<overrides>.<kind>.json when data/model/algo keys were overridden, so that
+    each setting a checkpoint is scored in keeps its own file (the overrides, made filename-safe, name it)."""
+    if not overrides:
+        return folder / f"{stem}.{kind}.json"
+    tag = re.sub(r"[^A-Za-z0-9._=,+~-]", "_", ",".join(overrides))
+    if len(tag) > 120:  # a long command line: its start, and a digest that tells it from others
+        tag = f"{tag[:100]}-{hashlib.sha1(tag.encode()).hexdigest()[:10]}"
+    return folder / f"{stem}.{tag}.{kind}.json"
 
 
 def restore_run_config(checkpoint_path: Path, eval_cfg: DictConfig, override_keys: list[str]) -> DictConfig:
@@ -82,7 +105,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     runs_dir = Path(cfg.paths.log_dir) / "train" / "runs"
     checkpoint_path = resolve_checkpoint(cfg.ckpt_path, runs_dir)
     checkpoint = load_checkpoint(checkpoint_path)
-    run_cfg = restore_run_config(checkpoint_path, cfg, _override_keys())
+    overrides = _overrides()
+    run_cfg = restore_run_config(checkpoint_path, cfg, [_key(item) for item in overrides])
+    measured_with = run_overrides(overrides)
     video = video_options(cfg.get("video"), run_cfg)
     if video is not None:
         check_rendering(video, run_cfg.data.env)  # before anything runs: no OpenGL is one line, not a failure after the test
@@ -104,12 +129,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         if top_k != 1 or trainer.world_size > 1:
             raise ConfigError(f"episodes={cfg.episodes} scores one checkpoint in one process: drop ensemble_top_k, set trainer.devices=1.")
         load_weights(algorithm, checkpoint, checkpoint_path)
-        results, out = evaluate_episodes(cfg, objects, checkpoint, checkpoint_path)
+        results, kind = evaluate_episodes(cfg, objects, checkpoint, checkpoint_path)
+        out = results_path(checkpoint_path.parent, checkpoint_path.stem, kind, measured_with)
     elif top_k == 1:
         load_weights(algorithm, checkpoint, checkpoint_path)
         trainer.test(algorithm, datamodule=objects["datamodule"], verbose=False)
         results = {"checkpoint": str(checkpoint_path), "global_step": checkpoint.get("global_step"), **algorithm.test_results}
-        out = checkpoint_path.with_name(checkpoint_path.stem + ".test.json")
+        out = results_path(checkpoint_path.parent, checkpoint_path.stem, "test", measured_with)
         if recorder is not None:
             trainer.callbacks.remove(recorder)
             results["videos"] = write_videos(recorder, video, run_dir_of(checkpoint_path) / "videos" / checkpoint_path.stem, run_cfg.data.env)
@@ -125,9 +151,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             outputs.append(algorithm.test_outputs)
             member_accs.append(algorithm.test_results["acc"])
         results = {"members": [str(p) for p in members], "member_accs": member_accs, **ensemble_results(outputs)}
-        out = checkpoint_path.parent / f"top{top_k}.test.json"
+        out = results_path(checkpoint_path.parent, f"top{top_k}", "test", measured_with)
     if not cfg.get("episodes"):
         results["n_test_tasks"] = run_cfg.data.n_test_tasks
+    results["overrides"] = measured_with
     write_text_atomically(out, json.dumps(results, indent=2))
     log.info(
         "test %s %.4f ± %.4f (95%% CI, %d tasks)%s; saved %s",

@@ -50,18 +50,18 @@ def score_episodes(algorithm: EpisodicModule, trainer: pl.Trainer, batches: list
     return dict(algorithm.test_results), logits
 
 
-def evaluate_episodes(cfg: DictConfig, objects: dict[str, Any], checkpoint: dict[str, Any], path: Path) -> tuple[dict[str, Any], Path]:
-    """Score the checkpoint (weights loaded) on cfg.episodes; the results and the file they belong in (beside the checkpoint)."""
+def evaluate_episodes(cfg: DictConfig, objects: dict[str, Any], checkpoint: dict[str, Any], path: Path) -> tuple[dict[str, Any], str]:
+    """Score the checkpoint (weights loaded) on cfg.episodes; the results and the kind of their file (lake_runs, or the episodes file's stem)."""
     episodes = read_named_episodes(cfg)
     batches = episode_batches(episodes, restore_image_format(objects["datamodule"], checkpoint, path))
     results, logits = score_episodes(objects["algorithm"], objects["trainer"], batches)
     accs = [float((lg.argmax(-1) == b["query_y"][0].to(lg.device)).double().mean()) for lg, b in zip(logits, batches)]
     results |= {"checkpoint": str(path), "global_step": checkpoint.get("global_step"), "episodes": str(cfg.episodes)}
     results["episode_accs"] = {episode.name: acc for episode, acc in zip(episodes, accs)}
-    stem = LAKE_RUNS if cfg.episodes == LAKE_RUNS else Path(cfg.episodes).stem
+    kind = LAKE_RUNS if cfg.episodes == LAKE_RUNS else Path(cfg.episodes).stem
     if cfg.episodes == LAKE_RUNS:
         results |= _lake_report(episodes, accs, sum(len(b["query_y"][0]) for b in batches))
-    return results, path.with_name(f"{path.stem}.{stem}.json")
+    return results, kind
 
 
 def _lake_report(episodes: list[Episode], accs: list[float], n_queries: int) -> dict[str, Any]:
