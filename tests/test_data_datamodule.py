@@ -3,12 +3,14 @@
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from metalight.data import FewShotDataModule
+from metalight.data.images import SplitImages
 from metalight.errors import ConfigError, DataError
 
 
@@ -69,6 +71,26 @@ def test_eval_tasks_identical_for_one_and_two_ranks(omniglot: FewShotDataModule)
         omniglot.trainer = None
     assert len(shards[0]) + len(shards[1]) == 20
     assert torch.equal(shards[0], whole[0::2]) and torch.equal(shards[1], whole[1::2])
+
+
+def test_train_on_val_trains_on_the_validation_classes_too(omniglot: FewShotDataModule, data_dir: Path, cache_dir: Path) -> None:
+    joined = _omniglot(data_dir, cache_dir, mean=[0.5], std=[0.25], train_on_val=True)
+    joined.setup("fit")
+    assert (joined.train_classes, joined.val_classes, joined.test_classes) == (4112 + 688, 688, 1692)
+    train, val = joined._datasets["train"], omniglot._datasets["val"]
+    last = train.starts[-1]  # the last validation class, now the last training class
+    assert train.images[last : last + 20].tobytes() == val.images[val.starts[-1] : val.starts[-1] + 20].tobytes()
+    assert joined._datasets["val"].n_classes == 688  # validation itself is unchanged
+
+
+def test_joined_splits_share_one_array_or_copy_two() -> None:
+    images = np.arange(6 * 2).reshape(6, 1, 1, 2).astype(np.uint8)
+    first, second = SplitImages.grouped(["a", "b"], images, [2, 4]), SplitImages.grouped(["c"], images[:3] + 100, [3])
+    shared = first.joined(SplitImages(["d"], images, np.array([4]), np.array([2])))
+    assert shared.images is images and shared.classes == ["a", "b", "d"] and shared.starts.tolist() == [0, 2, 4]
+    copied = first.joined(second)
+    assert copied.starts.tolist() == [0, 2, 6] and copied.counts.tolist() == [2, 4, 3]
+    assert (copied.images[6:9] == images[:3] + 100).all()
 
 
 @pytest.mark.parametrize(

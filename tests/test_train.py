@@ -4,11 +4,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from metalight.errors import DataError
-from metalight.runs.training import train
+from metalight.runs.training import checkpoint_to_test, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,6 +21,13 @@ def test_fast_dev_run(compose_train, algo):
     metrics, objects = train(cfg)
     assert objects["trainer"].global_step == 1
     assert 0.0 <= metrics["test/acc"] <= 1.0
+
+
+def test_a_run_trained_on_its_validation_classes_tests_its_last_weights():
+    trainer = SimpleNamespace(checkpoint_callback=SimpleNamespace(best_model_path="best.ckpt"))
+    assert checkpoint_to_test(trainer, SimpleNamespace(train_on_val=False)) == "best.ckpt"
+    assert checkpoint_to_test(trainer, SimpleNamespace(train_on_val=True)) is None
+    assert checkpoint_to_test(SimpleNamespace(checkpoint_callback=None), SimpleNamespace(train_on_val=False)) is None
 
 
 def _run_train(args: list[str], tmp_path: Path, data_dir: Path, cache_dir: Path, timeout: int = 300):

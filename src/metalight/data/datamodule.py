@@ -99,6 +99,9 @@ class FewShotDataModule(TaskDataModule):
     train_augment: transforms (or their Hydra configs) applied to each training image, uint8 before normalization,
     with draws seeded per image (preprocess.Augment): the flat images, or every support and query image of
     the training tasks; validation and test images never.
+    train_on_val: the validation classes join the training classes, for a final run on train+val (as
+    Relation Networks' 1,200 training characters and RFS's final runs); the run is then tested with its
+    last weights, since validation no longer scores unseen classes.
     """
 
     def __init__(
@@ -134,6 +137,7 @@ class FewShotDataModule(TaskDataModule):
         batch_size: int | None = None,
         within_alphabet: bool = False,
         train_augment: Sequence | None = None,
+        train_on_val: bool = False,
     ) -> None:
         if dataset not in DATASETS:
             raise ConfigError(f"data.dataset={dataset!r} is not known: use one of {', '.join(DATASETS)}.")
@@ -187,7 +191,7 @@ class FewShotDataModule(TaskDataModule):
             ),
             "eval": _TaskShape(("n_way", n_way), ("k_shot", k_shot), ("k_query", k_query)),
         }
-        self.within_alphabet = within_alphabet
+        self.within_alphabet, self.train_on_val = within_alphabet, train_on_val
         self.mean, self.std, self.channels = mean, std, n_channels
         self.small_classes, self.source = small_classes, source
         self.cache_dir, self.download = Path(cache_dir), download
@@ -250,6 +254,12 @@ class FewShotDataModule(TaskDataModule):
         if self._datasets:
             return
         loaded = self._load()
+        if self.train_on_val:
+            loaded["train"] = loaded["train"].joined(loaded["val"])
+            log.warning(
+                "data.train_on_val=true: the %d validation classes train too, so validation scores classes seen in "
+                "training; the run is tested with its last weights.", len(loaded["val"].classes),
+            )
         splits: dict[str, SplitImages] = {}
         for part in PARTS:
             if part == "train" and self.train_mode == "flat":

@@ -50,6 +50,16 @@ class SplitImages:
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
         return cls(classes=list(classes), images=images, starts=starts, counts=counts)
 
+    def joined(self, other: SplitImages) -> SplitImages:
+        """This split's classes, then `other`'s: one array when both share it (a cache), else a copy of both."""
+        if other.images is self.images:
+            images, other_starts = self.images, other.starts
+        else:
+            images, other_starts = np.concatenate([self.images, other.images]), other.starts + len(self.images)
+        return SplitImages(
+            self.classes + other.classes, images, np.concatenate([self.starts, other_starts]), np.concatenate([self.counts, other.counts])
+        )
+
     def subset(self, names: Sequence[str]) -> SplitImages:
         """The classes `names` (in that order) of this split, sharing its image array."""
         index = {name: c for c, name in enumerate(self.classes)}

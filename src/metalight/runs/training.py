@@ -93,10 +93,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     metrics = _metrics(trainer)
 
     if cfg.get("test", True):
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        if not best:
-            log.warning("No best checkpoint was saved: testing the weights in memory.")
-        trainer.test(algorithm, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+        trainer.test(algorithm, datamodule=datamodule, ckpt_path=checkpoint_to_test(trainer, datamodule), weights_only=True)
         metrics.update(_metrics(trainer))
     metric = algorithm.metric
     results = run_results(trainer, metrics, metric) | {"wall_time_s": round(time.perf_counter() - started, 1)}
@@ -106,6 +103,18 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if trainer.is_global_zero:
         log.info("Run folder: %s (TensorBoard: tensorboard --logdir %s)", cfg.paths.output_dir, cfg.paths.log_dir)
     return metrics, objects
+
+
+def checkpoint_to_test(trainer: pl.Trainer, datamodule: pl.LightningDataModule) -> str | None:
+    """The best checkpoint by validation, or None (the weights in memory, the last ones) when there is none or
+    when validation classes trained too (data.train_on_val), so that the best by validation is no held-out choice."""
+    if getattr(datamodule, "train_on_val", False):
+        log.info("data.train_on_val=true: testing the last weights.")
+        return None
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if not best:
+        log.warning("No best checkpoint was saved: testing the weights in memory.")
+    return best or None
 
 
 def _check_data_first(trainer: pl.Trainer, datamodule: pl.LightningDataModule) -> None:
