@@ -43,7 +43,7 @@ def test_experiment_composes_and_instantiates(compose_train, experiment):
 
 @pytest.fixture(scope="module")
 def short_quick_run(tmp_path_factory, data_dir, cache_dir):
-    """A few hundred meta-steps of experiment=quick_omniglot, with its run folder, metrics and best checkpoint."""
+    """200 meta-steps of 8 tasks of experiment=quick_omniglot, with its run folder, metrics and best checkpoint."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
@@ -55,7 +55,7 @@ def short_quick_run(tmp_path_factory, data_dir, cache_dir):
         cfg = compose(
             "train",
             overrides=[
-                "experiment=quick_omniglot", "trainer.max_steps=200", "data.batches_per_epoch=100",
+                "experiment=quick_omniglot", "trainer.max_steps=200", "data.batches_per_epoch=100", "data.meta_batch_size=8",
                 "data.n_val_tasks=50", "data.n_test_tasks=100", "trainer.accelerator=cpu", "callbacks.model_checkpoint.save_top_k=2",
                 "trainer.enable_progress_bar=false", "logger=csv",
             ],
@@ -78,9 +78,9 @@ def short_quick_run(tmp_path_factory, data_dir, cache_dir):
 def test_quick_omniglot_learns_well_above_chance(short_quick_run):
     _, metrics, _ = short_quick_run
     # chance is 0.20 and the untrained network, adapted with 3 inner steps, scores 0.51 here; 200
-    # meta-steps of a working MAML reach 0.86 (both measured with 32 filters). A zero, sign-flipped or otherwise broken
-    # meta-gradient cannot clear 0.78.
-    assert metrics["test/acc"] > 0.78, metrics
+    # meta-steps of 8 tasks of a working MAML reach 0.82 (0.86 with the experiment's 16 tasks; both measured with 32
+    # filters). A zero, sign-flipped or otherwise broken meta-gradient cannot clear 0.74.
+    assert metrics["test/acc"] > 0.74, metrics
     assert metrics["test/acc_before"] < 0.3, metrics
 
 

@@ -1,8 +1,10 @@
-"""A train.py run killed with SIGKILL and resumed from its last.ckpt ends with the very state of an uninterrupted run,
+"""A run interrupted mid-epoch and resumed from its last.ckpt ends with the very state of an uninterrupted run,
 for each kind of state a learner keeps (ALGORITHMS).
 
-The killed runs are real `python train.py` processes, one per algorithm, started together; the resumed and the
-uninterrupted runs go through the same `train()` in this process (one thread everywhere, so the same arithmetic).
+Two of them (KILLED) are real `python train.py` processes killed with SIGKILL, started together: whatever was on
+disk is all there is. The others die in this process: an exception raised after meta-step STOP ends the run with
+no checkpoint but those already written, as a kill would, without a process start each. The resumed and the uninterrupted runs go through
+the same `train()` in this process (one thread everywhere, so the same arithmetic).
 """
 
 import os
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import Callback
 from omegaconf import open_dict
 
 from metalight.runs.checkpoints import load_checkpoint
@@ -35,7 +38,7 @@ TINY = [
 # each algorithm with what makes its state worth resuming: learned step sizes (Meta-SGD, MAML++), per-step
 # BatchNorm weights and running statistics and the MSL epoch (MAML++), a learning-rate schedule (ProtoNets),
 # the inner Adam's moments and step count (Reptile). Learners whose state is only weights and Adam's, like MAML's
-# on images (ANIL, FOMAML, the metric-based learners), are left out: each such run costs a process, and they are
+# on images (ANIL, FOMAML, the metric-based learners), are left out: each case costs three runs, and they are
 # resumed through the same code (Meta-SGD's case holds MAML's state and more; MAML itself runs on sinusoids below).
 ALGORITHMS = {
     "metasgd": [*TINY, "algo=metasgd"],
@@ -44,11 +47,10 @@ ALGORITHMS = {
     # Baseline++: the classifier over the training classes, BatchNorm running statistics, the stream of labelled images
     "baseline": [*TINY, "algo=baseline", "algo.head=cosine", "data.batch_size=4", "algo.fit_epochs=2", "model.track_running_stats=true"],
     "reptile": [*TINY, "algo=reptile", "algo.inner_steps=2", "algo.eval_inner_steps=1"],  # the persistent inner Adam state
-    # regression through the task interface: MAML's vmap path on sinusoids, whose training tasks come from
-    # (seed, step); a sinusoid step takes milliseconds, so this run is longer, to be killed mid-way
-    # (what a learner keeps beyond its weights and Adam's, learned step sizes and inner Adam state, is resumed in the
-    # image cases above; the regression path adds the task kind and the regression data module's stream)
-    "maml_sinusoid": [*TINY, "data=sinusoid", "model.hidden=[8,8]", "algo=maml", "algo.inner_lr=0.01", "algo.eval_inner_steps=2", "trainer.max_steps=120"],
+    # regression through the task interface: MAML's vmap path on sinusoids, whose training tasks come from (seed, step)
+    # (what a learner keeps beyond its weights and Adam's is resumed in the image cases above; the regression path adds
+    # the task kind and the regression data module's stream)
+    "maml_sinusoid": [*TINY, "data=sinusoid", "model.hidden=[8,8]", "algo=maml", "algo.inner_lr=0.01", "algo.eval_inner_steps=2"],
     # reinforcement learning: MAML-RL with TRPO on 2-D navigation, rollouts drawn from each task's seed
     "maml_rl": [
         "experiment=quick_navigation2d", "task_name=train", "data.horizon=10", "data.meta_batch_size=2", "data.rollouts=2", "data.eval_rollouts=2",
@@ -84,11 +86,60 @@ def _last(log_dir: Path) -> list[Path]:
     return list(log_dir.glob("train/runs/*/checkpoints/last.ckpt"))
 
 
+# the learners killed as real processes: the richest state of the images (MAML++) and reinforcement learning
+KILLED = ("mamlpp", "maml_rl")
+# where the others die (mid-epoch: data.batches_per_epoch=4)
+STOP = 6
+
+
+class Interrupted(Exception):
+    """The end of a run that Interrupt stopped."""
+
+
+class Interrupt(Callback):
+    """Raises Interrupted after meta-step `step`: the run ends with what it saved until then, as a killed one.
+
+    (Stopping with trainer.max_steps=step instead would change what reads max_steps, e.g. Reptile's annealing.)"""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step >= self.step:
+            raise Interrupted(f"after meta-step {trainer.global_step}")
+
+
+def _final_state(compose_train, out: Path, *overrides: str) -> dict:
+    """train() with COMMON and overrides into `out`: the learner's state_dict, with Reptile's inner Adam state."""
+    cfg = compose_train(*COMMON, *overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+    _, objects = train(cfg)
+    algorithm = objects["algorithm"]
+    inner = getattr(algorithm, "inner_optimizer_state", None)
+    if inner is None:
+        return algorithm.state_dict()
+    moments = {f"inner_state.{part}.{k}": v for part in ("m", "v") for k, v in getattr(inner, part).items()}
+    return algorithm.state_dict() | moments | {"inner_state.step": torch.tensor(inner.step)}
+
+
+def _assert_resumes_exactly(compose_train, tmp_path: Path, name: str, checkpoint: Path) -> None:
+    """Resumed from `checkpoint`, the run of ALGORITHMS[name] ends with the uninterrupted run's state."""
+    extra, stopped_at = ALGORITHMS[name], _step(checkpoint)
+    assert 2 <= stopped_at < _max_steps(extra), name
+    expected = _final_state(compose_train, tmp_path / f"{name}-reference", *extra)
+    got = _final_state(compose_train, tmp_path / f"{name}-resumed", *extra, f"ckpt_path={checkpoint}")
+    assert load_checkpoint(tmp_path / f"{name}-resumed" / "checkpoints" / "last.ckpt")["global_step"] == _max_steps(extra)
+    assert expected.keys() == got.keys()
+    for key, value in expected.items():
+        assert torch.equal(value, got[key]), f"{name}: {key} differs after resuming from step {stopped_at}"
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, data_dir, cache_dir, compose_train, one_thread):
     jobs = {
-        name: subprocess.Popen(_command(tmp_path / name, *extra), cwd=tmp_path, env=_env(data_dir, cache_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        for name, extra in ALGORITHMS.items()
+        name: subprocess.Popen(_command(tmp_path / name, *ALGORITHMS[name]), cwd=tmp_path, env=_env(data_dir, cache_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for name in KILLED
     }
     running, deadline = set(jobs), time.monotonic() + 300
     while running and time.monotonic() < deadline:
@@ -100,29 +151,16 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, data_dir, ca
     for name, job in jobs.items():
         _, error = job.communicate(timeout=60)
         assert job.returncode == -signal.SIGKILL, f"{name}: the run ended before it could be killed ({job.returncode}): {error[-2000:]}"
-
-    def run(out: str, *overrides: str) -> dict:
-        cfg = compose_train(*COMMON, *overrides)
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(tmp_path / out)
-        _, objects = train(cfg)
-        algorithm = objects["algorithm"]
-        inner = getattr(algorithm, "inner_optimizer_state", None)
-        if inner is None:
-            return algorithm.state_dict()
-        moments = {f"inner_state.{part}.{k}": v for part in ("m", "v") for k, v in getattr(inner, part).items()}
-        return algorithm.state_dict() | moments | {"inner_state.step": torch.tensor(inner.step)}
-
-    for name, extra in ALGORITHMS.items():
+    for name in KILLED:
         (killed,) = _last(tmp_path / name)
-        killed_at = _step(killed)
-        assert 2 <= killed_at < _max_steps(extra), name
-        expected = run(f"{name}-reference", *extra)
-        got = run(f"{name}-resumed", *extra, f"ckpt_path={killed}")
-        assert load_checkpoint(tmp_path / f"{name}-resumed" / "checkpoints" / "last.ckpt")["global_step"] == _max_steps(extra)
-        assert expected.keys() == got.keys()
-        for key, value in expected.items():
-            assert torch.equal(value, got[key]), f"{name}: {key} differs after resuming from step {killed_at}"
+        _assert_resumes_exactly(compose_train, tmp_path, name, killed)
+
+
+@pytest.mark.parametrize("name", [name for name in ALGORITHMS if name not in KILLED])
+def test_a_run_interrupted_mid_epoch_resumes_exactly(tmp_path, compose_train, one_thread, name):
+    with pytest.raises(Interrupted):
+        _final_state(compose_train, tmp_path / f"{name}-interrupted", *ALGORITHMS[name], "+callbacks.interrupt._target_=test_resume.Interrupt", f"+callbacks.interrupt.step={STOP}")
+    _assert_resumes_exactly(compose_train, tmp_path, name, tmp_path / f"{name}-interrupted" / "checkpoints" / "last.ckpt")
 
 
 @pytest.mark.parametrize("content, expected", [(None, "does not exist"), (b"PK\x03\x04trunc", "cannot be read"), ("foreign", "not written by a metalight run")])
