@@ -5,6 +5,7 @@ in training and validation, and an episode-like stream keyed by (epoch, index)) 
 subprocess test sends SIGTERM to a real `python train.py`.
 """
 
+import json
 import os
 import shutil
 import signal
@@ -158,23 +159,29 @@ def test_sigterm_to_ddp_train_py_saves_and_the_requeued_job_resumes_exactly(tmp_
     """Two DDP processes: SIGTERM to the main one (what SLURM sends) -> last.ckpt and exit 0; the same command
     started again in the same run folder (a requeued job) resumes and ends where an uninterrupted run ends.
 
-    Reptile: besides the weights, its persistent inner Adam state (averaged over the ranks) must resume bit for bit."""
+    Reptile: besides the weights, its persistent inner Adam state (averaged over the ranks) must resume bit for bit.
+    The uninterrupted reference run also shows that a DDP run of train.py, named by its timestamp, keeps one run
+    folder (the second process finds the first's) with its config, TensorBoard events and checkpoint, and tests."""
     steps, env = 10, _train_env(data_dir, cache_dir)
 
-    def command(run_dir: Path) -> list[str]:
+    def command(*where: str) -> list[str]:
         return [
-            sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", "trainer=ddp_cpu", f"trainer.max_steps={steps}",
-            "data.batches_per_epoch=4", "data.meta_batch_size=4", "data.k_query=2", "data.n_val_tasks=4",
+            sys.executable, str(ROOT / "train.py"), *where, "trainer=ddp_cpu", f"trainer.max_steps={steps}",
+            "data.batches_per_epoch=4", "data.meta_batch_size=4", "data.k_query=2", "data.n_val_tasks=4", "data.n_test_tasks=4",
             "data.eval_batch_size=2", "model.hidden=8", "algo.eval_inner_steps=1", "data.num_workers=0",
             "data.persistent_workers=false", "++trainer.enable_progress_bar=false", "callbacks.last_checkpoint.every_n_steps=1",
-            "logger=csv", "test=false", "algo=reptile", "algo.inner_steps=2",
+            "algo=reptile", "algo.inner_steps=2",
         ]
 
-    reference = subprocess.run(command(tmp_path / "reference"), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    reference = subprocess.run(command(f"paths.log_dir={tmp_path / 'logs'}"), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert reference.returncode == 0, (reference.stdout + reference.stderr)[-3000:]
+    runs = list((tmp_path / "logs" / "train" / "runs").iterdir())
+    assert len(runs) == 1, f"DDP processes scattered run folders: {runs}"
+    assert (runs[0] / ".hydra" / "config.yaml").is_file() and list((runs[0] / "tensorboard").glob("events.out.tfevents.*"))
+    assert 0 <= json.loads((runs[0] / "results.json").read_text())["test_acc"] <= 1
 
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    job = subprocess.Popen(command(tmp_path / "run"), cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    job = subprocess.Popen(command(f"hydra.run.dir={tmp_path / 'run'}", "logger=csv", "test=false"), cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 240
     while not last.exists() and job.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -185,10 +192,10 @@ def test_sigterm_to_ddp_train_py_saves_and_the_requeued_job_resumes_exactly(tmp_
     stopped_at = load_checkpoint(last)["global_step"]
     assert 1 <= stopped_at < steps
 
-    requeued = subprocess.run(command(tmp_path / "run"), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    requeued = subprocess.run(command(f"hydra.run.dir={tmp_path / 'run'}", "logger=csv", "test=false"), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert requeued.returncode == 0, (requeued.stdout + requeued.stderr)[-3000:]
     assert f"Resuming from {last}" in requeued.stdout + requeued.stderr
-    expected, got = load_checkpoint(tmp_path / "reference" / "checkpoints" / "last.ckpt"), load_checkpoint(last)
+    expected, got = load_checkpoint(runs[0] / "checkpoints" / "last.ckpt"), load_checkpoint(last)
     assert got["global_step"] == expected["global_step"] == steps
     for name, value in expected["state_dict"].items():
         assert torch.equal(value, got["state_dict"][name]), f"{name} differs after resuming from step {stopped_at}"

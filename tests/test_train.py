@@ -1,4 +1,7 @@
-"""End to end through the Hydra configs: fast_dev_run per algorithm, DDP on 2 CPU processes, and CLI errors."""
+"""End to end through the Hydra configs: fast_dev_run per algorithm, DDP errors on 2 CPU processes, and CLI errors.
+
+(A DDP run of train.py on 2 CPU processes and its run folder: tests/test_preemption.py, the reference run.)
+"""
 
 import os
 import subprocess
@@ -37,22 +40,6 @@ def _run_train(args: list[str], tmp_path: Path, data_dir: Path, cache_dir: Path,
         [sys.executable, str(ROOT / "train.py"), f"paths.log_dir={tmp_path / 'logs'}", "trainer.accelerator=cpu", *args],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout,
     )
-
-
-@pytest.mark.slow
-def test_ddp_cpu_two_processes_share_one_run_folder(tmp_path, data_dir, cache_dir):
-    result = _run_train(
-        ["trainer=ddp_cpu", "algo=maml", "trainer.max_steps=2", "data.batches_per_epoch=2",
-         "data.meta_batch_size=4", "data.n_val_tasks=4", "data.n_test_tasks=4", "data.num_workers=0",
-         "data.persistent_workers=false", "trainer.enable_progress_bar=false"],
-        tmp_path, data_dir, cache_dir,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    runs = list((tmp_path / "logs" / "train" / "runs").iterdir())
-    assert len(runs) == 1, f"DDP children scattered run folders: {runs}"
-    assert (runs[0] / ".hydra" / "config.yaml").is_file()
-    assert list((runs[0] / "tensorboard").glob("events.out.tfevents.*"))
-    assert (runs[0] / "checkpoints" / "last.ckpt").is_file()
 
 
 @pytest.mark.parametrize(
