@@ -257,8 +257,8 @@ class FewShotDataModule(TaskDataModule):
         if self.train_on_val:
             loaded["train"] = loaded["train"].joined(loaded["val"])
             log.warning(
-                "data.train_on_val=true: the %d validation classes train too, so validation scores classes seen in "
-                "training; the run is tested with its last weights.", len(loaded["val"].classes),
+                "data.train_on_val=true: the %d validation classes join the training classes, so validation scores "
+                "classes seen in training.", len(loaded["val"].classes),
             )
         splits: dict[str, SplitImages] = {}
         for part in PARTS:

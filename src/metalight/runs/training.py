@@ -109,7 +109,7 @@ def checkpoint_to_test(trainer: pl.Trainer, datamodule: pl.LightningDataModule) 
     """The best checkpoint by validation, or None (the weights in memory, the last ones) when there is none or
     when validation classes trained too (data.train_on_val), so that the best by validation is no held-out choice."""
     if getattr(datamodule, "train_on_val", False):
-        log.info("data.train_on_val=true: testing the last weights.")
+        log.info("data.train_on_val=true: testing the last weights, not the best by validation (validation classes trained too).")
         return None
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     if not best:
