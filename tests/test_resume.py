@@ -3,8 +3,8 @@ for each kind of state a learner keeps (ALGORITHMS).
 
 Two of them (KILLED) are real `python train.py` processes killed with SIGKILL, started together: whatever was on
 disk is all there is. The others die in this process: an exception raised after meta-step STOP ends the run with
-no checkpoint but those already written, as a kill would, without a process start each. The resumed and the uninterrupted runs go through
-the same `train()` in this process (one thread everywhere, so the same arithmetic).
+no checkpoint but those already written, as a kill would, without a process start each. The resumed and the
+uninterrupted runs go through the same `train()` in this process (one thread everywhere, so the same arithmetic).
 """
 
 import os
