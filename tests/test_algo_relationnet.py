@@ -96,6 +96,32 @@ def test_non_transductive_relates_each_query_alone():
     torch.testing.assert_close(outcome.logits[0, 0], torch.stack(rows), rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("transductive", [True, False])
+def test_separate_embedding_normalizes_the_support_set_by_itself(transductive):
+    """embed=separate (Sung et al.'s two forward passes): the class maps are the support set embedded alone, the
+    queries embedded as their own batch (transductive) or each alone; BatchNorm on batch statistics tells it from joint."""
+    relation = tiny_relation_net(embed="separate", transductive=transductive, init="default")
+    joint = tiny_relation_net(transductive=transductive, init="default")
+    batch = make_batch(1, k_shot=1, k_query=2, dtype=F64)
+    params, _ = split_state(relation.model)
+    outcome = run_tasks(relation.task_fn(3, keep_logits=True), params, batch, None, "loop", second_order=False)
+    task = {k: v[0] for k, v in batch.items()}
+    with torch.no_grad():
+        support = relation.model(task["support_x"]).unflatten(1, (4, 4, 4))
+        classes = torch.stack([support[task["support_y"] == k].sum(0) for k in range(3)])
+        if transductive:
+            queries = relation.model(task["query_x"]).unflatten(1, (4, 4, 4))
+        else:
+            queries = torch.stack([relation.model(q[None])[0].unflatten(0, (4, 4, 4)) for q in task["query_x"]])
+        pairs = [torch.stack([torch.cat([c, q]) for c in classes]) for q in queries]
+        expected = relation.model.relation(torch.cat(pairs)).view(-1, 3) if transductive else torch.stack([relation.model.relation(p) for p in pairs])
+    torch.testing.assert_close(outcome.logits[0, 0], expected, rtol=1e-9, atol=1e-9)
+    joint_scores = run_tasks(joint.task_fn(3, keep_logits=True), params, batch, None, "loop", second_order=False).logits[0, 0]
+    assert (joint_scores - expected).abs().max() > 1e-6, "the test case does not tell joint from separate embedding"
+    with pytest.raises(ConfigError, match="algo.embed='both'"):
+        tiny_relation_net(embed="both")
+
+
 def test_trains_and_tests_without_inner_loop_metrics():
     relation = tiny_relation_net(dtype=torch.float32)
     trainer = make_trainer(max_steps=4, limit_val_batches=2, val_check_interval=4)

@@ -78,9 +78,12 @@ class RelationNet(MetricLearner):
     each; here the one norm over both); their init (conv N(0, sqrt(2/(9*out))), linear N(0, 0.01) with bias 1)
     with init="sung". Their BatchNorm is always in training mode (they never call .eval()): with
     model.track_running_stats=false and relation_running_stats=false (the defaults) every BatchNorm uses the
-    statistics of its batch at evaluation too. transductive=true embeds a task's support and queries as one
-    batch (theirs embeds the support set and the queries as two batches) and relates all pairs as one batch;
-    false embeds each query with the support set and relates its N pairs alone.
+    statistics of its batch at evaluation too, so what shares a forward pass shares BatchNorm statistics:
+    embed="joint" (ours) embeds a task's support set and its queries as one batch; embed="separate" (theirs,
+    in training and at test) embeds the support set alone, so a 1-shot support set is normalized by its own
+    N images, and the queries as a second batch. transductive=true relates all pairs as one batch and embeds
+    the queries together; false relates each query's N pairs alone and embeds each query alone (separate)
+    or with the support set (joint).
     The model must say the shape of the map its `features` flatten in a `feature_map` attribute (C, h, w),
     as model=conv4_relation does; another stops when the run starts.
     """
@@ -100,8 +103,12 @@ class RelationNet(MetricLearner):
         relation_padding: int = 1,
         relation_running_stats: bool = False,
         init: str = "sung",
+        embed: str = "joint",
     ) -> None:
         require_features_and_head(model, "Relation Networks")
+        if embed not in ("joint", "separate"):
+            raise ConfigError(f"algo.embed={embed!r} is not known: use joint (support and queries in one BatchNorm batch) or separate (two batches, Sung et al.'s code).")
+        self.embed_mode = embed
         if init not in ("sung", "default"):
             raise ConfigError(f"algo.init={init!r} is not known: use sung (Sung et al.'s weights_init for the relation module) or default (PyTorch's).")
         if relation_padding not in (0, 1):
@@ -144,6 +151,7 @@ class RelationNet(MetricLearner):
         relation_fixed = _prefixed(fixed, "relation")
         feature_map = self.model.feature_map
         transductive = self.transductive
+        separate = self.embed_mode == "separate"
 
         def embed(params: Params, x: Tensor) -> Tensor:
             return functional_call(self.model, (params, fixed), (x,)).unflatten(1, feature_map)
@@ -153,14 +161,17 @@ class RelationNet(MetricLearner):
             return scores.view(len(queries), len(classes))
 
         def run(params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, indices: None) -> TaskOutcome:
-            if transductive:
+            if transductive and not separate:
                 embedded = embed(params, torch.cat([support_x, query_x]))
                 support, queries = embedded[: len(support_x)], embedded[len(support_x) :]
                 scores = relate(params, queries, class_maps(support, support_y, n_way))
             else:
                 classes = class_maps(embed(params, support_x), support_y, n_way)
-                queries = torch.vmap(lambda q: embed(params, torch.cat([support_x, q.unsqueeze(0)]))[-1])(query_x)
-                scores = torch.vmap(lambda q: relate(params, q.unsqueeze(0), classes)[0])(queries)
+                if transductive:
+                    scores = relate(params, embed(params, query_x), classes)
+                else:
+                    alone = (lambda q: embed(params, q.unsqueeze(0))[0]) if separate else (lambda q: embed(params, torch.cat([support_x, q.unsqueeze(0)]))[-1])
+                    scores = torch.vmap(lambda q: relate(params, q.unsqueeze(0), classes)[0])(torch.vmap(alone)(query_x))
             loss = F.mse_loss(scores, F.one_hot(query_y, n_way).to(scores.dtype))
             kept = scores.detach().unsqueeze(0) if keep_logits else scores.new_zeros(0)
             return TaskOutcome(loss, accuracy(scores.detach(), query_y).unsqueeze(0), {}, kept)
