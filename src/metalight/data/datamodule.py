@@ -11,17 +11,13 @@ import numpy as np
 import torch
 
 from metalight.data import cifar, cub, folder, miniimagenet, omniglot, tiered_imagenet
-from metalight.data.episodes import EpisodeDataset
-from metalight.data.flat import TRAIN_MODES, LabelledImages
+from metalight.data.class_tasks import PARTS, ClassTaskDataModule
 from metalight.data.images import SplitImages, channel_stats
 from metalight.data.preprocess import Augment, ImageFormat, build_transforms, normalize
 from metalight.errors import ConfigError, DataError
-from metalight.tasks.datamodule import TaskDataModule, check_whole_number, plain_dict
+from metalight.tasks.datamodule import check_whole_number, plain_dict
 
 log = logging.getLogger(__name__)
-
-PARTS = ("train", "val", "test")
-SMALL_CLASSES = ("error", "drop")
 
 
 @dataclass(frozen=True)
@@ -74,16 +70,7 @@ def _channels_and_statistics(
     return n_channels, mean, std
 
 
-@dataclass(frozen=True)
-class _TaskShape:
-    """n_way, k_shot and k_query of one split's tasks, each with the config key that set it (for messages)."""
-
-    n_way: tuple[str, int]
-    k_shot: tuple[str, int]
-    k_query: tuple[str, int]
-
-
-class FewShotDataModule(TaskDataModule):
+class FewShotDataModule(ClassTaskDataModule):
     """Meta-batches of few-shot tasks (uint8 on the host, normalized float32 on the device) for MAML-style training.
 
     Batches are dicts: support_x [B, N*K, C, H, W], support_y [B, N*K], query_x [B, N*Q, C, H, W],
@@ -102,7 +89,10 @@ class FewShotDataModule(TaskDataModule):
     train_on_val: the validation classes join the training classes, for a final run on train+val (as
     Relation Networks' 1,200 training characters and RFS's final runs); the run is then tested with its
     last weights, since validation no longer scores unseen classes.
+    The task shapes, small classes and flat training are ClassTaskDataModule's (data/class_tasks.py), shared with text.
     """
+
+    modality = "images"  # what the data feeds the model (an image model refuses text data, and a text model images)
 
     def __init__(
         self,
@@ -147,24 +137,8 @@ class FewShotDataModule(TaskDataModule):
         if root is None:
             where = "a folder of class folders, or a zip of them" if dataset == "folder" else f"the folder holding {dataset}/"
             raise ConfigError(f"data.root is not set: set data.root=<{where}> (see README, Data).")
-        train_keys = {"n_way": n_way_train, "k_shot": k_shot_train, "k_query": k_query_train}
-        positive = dict(
-            image_size=image_size, n_way=n_way, k_shot=k_shot, k_query=k_query,
-            meta_batch_size=meta_batch_size, eval_batch_size=eval_batch_size, batches_per_epoch=batches_per_epoch,
-            n_val_tasks=n_val_tasks, n_test_tasks=n_test_tasks,
-        )
-        positive |= {f"{name}_train": value for name, value in train_keys.items() if value is not None}
-        for name, value in positive.items():
-            check_whole_number(name, value, 1)
-        for name, value in (("seed", seed), ("eval_seed", eval_seed), ("num_workers", num_workers)):
-            check_whole_number(name, value, 0)
+        check_whole_number("image_size", image_size, 1)
         n_channels, mean, std = _channels_and_statistics(dataset, spec, channels, mean, std)
-        if train_mode not in TRAIN_MODES:
-            raise ConfigError(f"data.train_mode={train_mode!r} is not known: use episodes (meta-learners) or flat (algo=baseline).")
-        if train_mode == "flat":
-            check_whole_number("batch_size", batch_size, 1)
-        if small_classes not in SMALL_CLASSES:
-            raise ConfigError(f"data.small_classes={small_classes!r} is not valid: use error or drop.")
         source = plain_dict(source)
         unknown = sorted(set(source) - set(spec.options))
         if unknown:
@@ -177,29 +151,17 @@ class FewShotDataModule(TaskDataModule):
                 f"data.download=true is not supported for {dataset}: place it under {root} (see README, Data)."
             )
         super().__init__(
-            meta_batch_size, eval_batch_size, batches_per_epoch, n_val_tasks, n_test_tasks, seed, eval_seed,
-            num_workers, pin_memory, persistent_workers,
+            dataset, split, n_way, k_shot, k_query, n_way_train, k_shot_train, k_query_train, meta_batch_size,
+            eval_batch_size, batches_per_epoch, n_val_tasks, n_test_tasks, seed, eval_seed, small_classes, num_workers,
+            pin_memory, persistent_workers, train_mode, batch_size, train_on_val,
         )
-        self.dataset, self.root, self.split, self.image_size = dataset, Path(root), split, image_size
-        self.n_way, self.k_shot, self.k_query = n_way, k_shot, k_query
-        self.n_way_train = n_way if n_way_train is None else n_way_train
-        self.k_shot_train = k_shot if k_shot_train is None else k_shot_train
-        self.k_query_train = k_query if k_query_train is None else k_query_train
-        self._shapes = {
-            "train": _TaskShape(
-                *(((f"{name}_train" if value is not None else name), getattr(self, f"{name}_train")) for name, value in train_keys.items())
-            ),
-            "eval": _TaskShape(("n_way", n_way), ("k_shot", k_shot), ("k_query", k_query)),
-        }
-        self.within_alphabet, self.train_on_val = within_alphabet, train_on_val
+        self.root, self.image_size = Path(root), image_size
+        self.within_alphabet = within_alphabet
         self.mean, self.std, self.channels = mean, std, n_channels
-        self.small_classes, self.source = small_classes, source
+        self.source = source
         self.cache_dir, self.download = Path(cache_dir), download
-        self.train_mode, self.batch_size = train_mode, batch_size
         transforms = build_transforms(train_augment) if train_augment is not None else []
         self.augment = Augment(transforms, seed) if transforms else None
-        self.images_per_class = self.max_images_per_class = 0
-        self.train_classes = self.val_classes = self.test_classes = 0
         self._spec = spec
 
     def _load(self) -> dict[str, SplitImages]:
@@ -209,104 +171,21 @@ class FewShotDataModule(TaskDataModule):
             options["channels"] = self.channels
         return self._spec.load(self.root, self.split, self.image_size, self.cache_dir, self.download, **options)
 
-    def prepare_data(self) -> None:
-        """Download (where allowed), decode every split into the cache and check the tasks fit: setup() on one process per node."""
-        self.setup()
-
-    def _enough_images(self, part: str, data: SplitImages, shape: _TaskShape) -> SplitImages:
-        """The split without its classes too small for k_shot + k_query images (data.small_classes=drop), or DataError."""
-        (shot_key, shots), (query_key, queries) = shape.k_shot, shape.k_query
-        need = shots + queries
-        small = np.flatnonzero(data.counts < need)
-        if not len(small):
-            return data
-        what = f"data.{shot_key}={shots} + data.{query_key}={queries} = {need} images per class"
-        largest = int(data.counts.max())
-        if len(small) == len(data.classes):
-            raise DataError(
-                f"{what}, but the {part} split of {self.dataset} has at most {largest} per class: lower them to "
-                f"sum to at most {largest}."
-            )
-        listed = ", ".join(f"{data.classes[c]!r} ({data.counts[c]})" for c in small[:10])
-        listed += f" and {len(small) - 10} more" if len(small) > 10 else ""
-        counted = f"{len(small)} of the {len(data.classes)} classes of the {part} split of {self.dataset} hold fewer"
-        if self.small_classes == "error":
-            raise DataError(
-                f"{what}, but {counted}: {listed}. Lower them, add images to those classes, or set "
-                "data.small_classes=drop to leave those classes out."
-            )
-        log.warning("%s, but %s; left out (data.small_classes=drop): %s.", what, counted, listed)
-        dropped = set(small.tolist())
-        return data.subset([name for c, name in enumerate(data.classes) if c not in dropped])
-
-    def _enough_classes(self, data: SplitImages) -> SplitImages:
-        """The train split of flat training (every image counts, whatever its class's size), or DataError below 2 classes."""
-        if len(data.classes) < 2:
-            raise DataError(
-                f"data.train_mode=flat (algo=baseline) pretrains a classifier over the training classes, but the train split "
-                f"of {self.dataset} ({self.split}) has {len(data.classes)}: give it at least 2 classes (data=folder: "
-                "train.txt or data.source.ratios), or use a meta-learner (e.g. algo=protonet)."
-            )
-        return data
-
     def setup(self, stage: str | None = None) -> None:
         """Load all splits (memory-mapped caches) and check the task shapes fit each of them."""
         if self._datasets:
             return
-        loaded = self._load()
-        if self.train_on_val:
-            loaded["train"] = loaded["train"].joined(loaded["val"])
-            log.warning(
-                "data.train_on_val=true: the %d validation classes join the training classes, so validation scores "
-                "classes seen in training.", len(loaded["val"].classes),
-            )
-        splits: dict[str, SplitImages] = {}
-        for part in PARTS:
-            if part == "train" and self.train_mode == "flat":
-                splits[part] = self._enough_classes(loaded[part])
-                continue
-            shape = self._shapes["train" if part == "train" else "eval"]
-            data = self._enough_images(part, loaded[part], shape)
-            (way_key, n_way), dropped = shape.n_way, len(loaded[part].classes) - len(data.classes)
-            if n_way > len(data.classes):
-                after = f" once the {dropped} with too few images are left out" if dropped else ""
-                raise DataError(
-                    f"data.{way_key}={n_way} but the {part} split of {self.dataset} ({self.split}) has only "
-                    f"{len(data.classes)} classes{after}: lower data.{way_key} to at most {len(data.classes)}."
-                )
-            splits[part] = data
-        self.train_classes, self.val_classes, self.test_classes = (len(splits[p].classes) for p in PARTS)
-        counts = np.concatenate([splits[p].counts for p in PARTS])
-        self.images_per_class, self.max_images_per_class = int(counts.min()), int(counts.max())
+        splits = self._checked_splits(self._load())
         if self.mean is None or self.std is None:
             self.mean, self.std = channel_stats(splits["train"])
             log.info(
                 "data.mean=%s data.std=%s, computed from the %d training images: set them in the config to skip this pass.",
                 [round(m, 4) for m in self.mean], [round(s, 4) for s in self.std], int(splits["train"].counts.sum()),
             )
-        self._datasets = {}
-        for part in PARTS:
-            shape = self._shapes["train" if part == "train" else "eval"]
-            data = splits[part]
-            if part == "train" and self.augment is not None:
-                self.augment.check(torch.from_numpy(np.array(data.images[data.starts[0]])), self.dataset)
-            if part == "train" and self.train_mode == "flat":
-                self._datasets[part] = LabelledImages(
-                    data.images, data.starts, data.counts, self.seed, self.batch_size * self.batches_per_epoch, self.augment
-                )
-                continue
-            self._datasets[part] = EpisodeDataset(
-                data.images,
-                part,
-                self.seed if part == "train" else self.eval_seed,
-                shape.n_way[1],
-                shape.k_shot[1],
-                shape.k_query[1],
-                data.starts,
-                data.counts,
-                self._alphabets(part, data, shape.n_way),
-                self.augment if part == "train" else None,
-            )
+        if self.augment is not None:
+            train = splits["train"]
+            self.augment.check(torch.from_numpy(np.array(train.images[train.starts[0]])), self.dataset)
+        self._datasets = self._task_datasets(splits, self.augment, self._alphabets)
 
     def _alphabets(self, part: str, data: SplitImages, n_way: tuple[str, int]) -> np.ndarray | None:
         """Omniglot's alphabet number of each class when tasks stay within one alphabet (data.within_alphabet), else None.
@@ -324,10 +203,6 @@ class FewShotDataModule(TaskDataModule):
                 "or set data.within_alphabet=false."
             )
         return groups
-
-    def train_batch(self) -> tuple[str, int]:
-        """Flat training (algo=baseline) steps on data.batch_size images, episodic training on data.meta_batch_size tasks."""
-        return ("batch_size", self.batch_size) if self.train_mode == "flat" else ("meta_batch_size", self.meta_batch_size)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images [..., C, H, W] -> float32 (x / 255 - mean) / std per channel, on their device."""
