@@ -1,4 +1,4 @@
-"""On-disk uint8 caches of decoded splits: `<name>.npy` (memory-mapped on load) plus a `<name>.json` sidecar.
+"""On-disk caches of decoded splits (uint8 images, int32 token ids): `<name>.npy` (memory-mapped on load) plus a `<name>.json` sidecar.
 
 The sidecar records the key the cache was built from (source files with sizes and mtimes, image size,
 format version, ...). A cache is used only when its sidecar key equals the key of the source as it is now
@@ -24,10 +24,10 @@ from metalight.errors import DataError
 FORMAT_VERSION = 1
 
 
-def cache_name(dataset: str, part: str, image_size: int, root: Path) -> str:
-    """File stem of a cache: data set, part, image size and a short hash of the data root's absolute path."""
+def cache_name(dataset: str, part: str, image_size: int, root: Path, unit: str = "px") -> str:
+    """File stem of a cache: data set, part, item size (pixels, or tokens with unit="tok") and a short hash of the data root's absolute path."""
     root_hash = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:10]
-    return f"{dataset}-{part}-{image_size}px-{root_hash}"
+    return f"{dataset}-{part}-{image_size}{unit}-{root_hash}"
 
 
 def _normalized(key: dict) -> dict:
@@ -35,8 +35,8 @@ def _normalized(key: dict) -> dict:
     return json.loads(json.dumps({"format": FORMAT_VERSION, **key}))
 
 
-def load_cache(cache_dir: Path, name: str, key: dict) -> tuple[np.ndarray, dict] | None:
-    """The memory-mapped array and info dict of cache `name` when it matches `key`, else None."""
+def load_cache(cache_dir: Path, name: str, key: dict, dtype: np.dtype | type = np.uint8) -> tuple[np.ndarray, dict] | None:
+    """The memory-mapped array and info dict of cache `name` when it matches `key` (and holds `dtype`), else None."""
     try:
         meta = json.loads((cache_dir / f"{name}.json").read_text())
         if meta.get("key") != _normalized(key):
@@ -44,7 +44,7 @@ def load_cache(cache_dir: Path, name: str, key: dict) -> tuple[np.ndarray, dict]
         array = np.load(cache_dir / f"{name}.npy", mmap_mode="r")
     except (OSError, ValueError, EOFError):  # missing, truncated or not an .npy / JSON at all
         return None
-    if array.dtype != np.uint8 or list(array.shape) != meta.get("shape"):
+    if array.dtype != np.dtype(dtype) or list(array.shape) != meta.get("shape"):
         return None
     return array, meta.get("info", {})
 
@@ -56,17 +56,18 @@ def write_cache(
     shape: tuple[int, ...],
     fill: Callable[[np.ndarray], None],
     info: dict | None = None,
+    dtype: np.dtype | type = np.uint8,
 ) -> tuple[np.ndarray, dict]:
-    """Build cache `name`: fill(out) writes a [shape] uint8 memmap, stored atomically with its key and info."""
+    """Build cache `name`: fill(out) writes a [shape] memmap of `dtype`, stored atomically with its key and info."""
     target = cache_dir / f"{name}.npy"
     tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
     except OSError as exc:
         raise DataError(
             f"cannot write the cache file {tmp} ({exc}): point data.cache_dir (paths.cache_dir) at a "
-            f"writable folder with {np.prod(shape) / 1e9:.2f} GB free."
+            f"writable folder with {np.prod(shape) * np.dtype(dtype).itemsize / 1e9:.2f} GB free."
         ) from exc
     try:
         fill(out)
