@@ -83,10 +83,17 @@ def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
     return returns
 
 
+FEATURE_CLIP = 10.0  # rllab's LinearFeatureBaseline clips observations to +-10 (pytorch-maml-rl's does not)
+
+
 def baseline_features(observations: Tensor, mask: Tensor) -> Tensor:
-    """Duan et al.'s (2016) linear-baseline features of each step: o, o^2, t/100, (t/100)^2, (t/100)^3, 1 (masked), [..., T, 2 * O + 4]."""
+    """Duan et al.'s (2016) linear-baseline features of each step: o, o^2, t/100, (t/100)^2, (t/100)^3, 1 (masked), [..., T, 2 * O + 4].
+
+    o is the observation clipped to +-FEATURE_CLIP, as in Finn et al.'s rllab code (a HalfCheetah's joint
+    velocities pass 10; 2-D navigation's positions stay far inside).
+    """
     m = mask.unsqueeze(-1)
-    o = observations * m
+    o = observations.clamp(-FEATURE_CLIP, FEATURE_CLIP) * m
     t = torch.arange(observations.shape[-2], dtype=observations.dtype, device=observations.device).view(-1, 1) * m / 100.0
     return torch.cat([o, o**2, t, t**2, t**3, m], dim=-1)
 

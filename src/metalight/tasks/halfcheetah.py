@@ -2,22 +2,34 @@
 
 A task is one number: the direction (+1 forward, -1 backward) for data=halfcheetah_dir, the target velocity
 for data=halfcheetah_vel. The rewards are those of cbfinn/maml_rl (rllab/envs/mujoco/half_cheetah_env_rand_direc.py
-and half_cheetah_env_rand.py) and pytorch-maml-rl (maml_rl/envs/mujoco/half_cheetah.py):
+and half_cheetah_env_rand.py):
 
     direction: r = direction * v - 0.5 * 0.1 * sum(clip(a, -1, 1)^2)
     velocity:  r = -|v - goal_velocity| - 0.5 * 0.1 * sum(clip(a, -1, 1)^2)
 
-with v the forward velocity of the root, (x after - x before) / dt (dt = 0.05: 5 MuJoCo steps of 0.01), as
-gymnasium's HalfCheetah-v5 reports it in info["x_velocity"] and pytorch-maml-rl computes it (the authors read
-the velocity of the torso subtree's centre of mass, i.e. the whole cheetah's: it differs step by step as the
-legs swing, not on average over an episode). The control cost is on the
-clipped action, as the authors' (the actuators' ctrlrange is [-1, 1]: MuJoCo applies the clipped action).
-Observations are the references' 20 numbers: qpos[1:] (8), qvel (9) and the torso's position (3).
+The control cost is on the clipped action, as the authors' (the actuators' ctrlrange is [-1, 1]: MuJoCo applies
+the clipped action). pytorch-maml-rl (maml_rl/envs/mujoco/half_cheetah.py, its halfcheetah-*.yaml configs) differs:
+its policy's action is divided by `normalization_scale: 10` before the clip and the control cost is taken on that
+scaled action, on 100-step episodes; metalight does not scale actions (declared in RESULTS.md).
 
-All copies take a step in one call of MuJoCo's rollout (mujoco.rollout: the 5 substeps of every copy in C, on
-`threads` threads) from their states, instead of a Python loop over gymnasium's step: the same physics (states
-equal to 1e-14 over 5 steps), 1.5x the loop's speed on 800 copies
-(benchmarks/rl_envs.py). Resets go through gymnasium's HalfCheetah-v5 (its start-state noise).
+Two conventions (`convention`, both on HalfCheetah-v5's model, the same bodies and timestep 0.01 as rllab's
+half_cheetah.xml), one per reference:
+- rllab (Finn et al.'s code): start state qpos0 + N(0, 0.01) and qvel N(0, 0.1) (rllab's MujocoEnv.reset_mujoco);
+  v is the velocity of the cheetah's centre of mass (rllab's get_body_comvel("torso"): the torso's subtree, i.e. all
+  of it) and the observation's last 3 numbers its position, both of the state after the step (rllab calls forward()
+  after stepping).
+- gymnasium (HalfCheetah-v5, pytorch-maml-rl's gym HalfCheetah): start noise uniform +-reset_noise_scale on qpos,
+  N(0, reset_noise_scale) on qvel; v = (root x after - root x before) / dt, dt the time of one action (frame_skip x
+  0.01 s); the last 3 numbers the torso body's position as gymnasium reports it after a step (MuJoCo's kinematics of
+  the last substep's start).
+Observations are the references' 20 numbers: qpos[1:] (8), qvel (9) and the torso's 3 numbers above.
+`frame_skip` is the MuJoCo steps per action: rllab's model has none (1 step of 0.01 s: 200 steps are 2 s at
+100 Hz), HalfCheetah-v5 and gym's v2 take 5 (0.05 s: 10 s at 20 Hz).
+
+All copies take a step in one call of MuJoCo's rollout (mujoco.rollout: the frame_skip substeps of every copy in
+C, on `threads` threads) from their states, instead of a Python loop over gymnasium's step: the same physics
+(states equal to 1e-14 over 5 steps), 1.5x the loop's speed on 800 copies (benchmarks/rl_envs.py). Resets go
+through gymnasium's HalfCheetah-v5 (its seeded generator).
 
 `mujoco` is imported only when an environment is built or checked (the `rl` extra), so a missing one is a
 one-line ConfigError naming the extra, and data=navigation2d runs without it.
@@ -39,6 +51,8 @@ import gymnasium
 from gymnasium.vector import AutoresetMode, VectorEnv
 
 CONTROL_COST = 0.5 * 0.1  # the references' 1e-1 * 0.5 * sum(a^2)
+CONVENTIONS = ("rllab", "gymnasium")
+RLLAB_QPOS_STD, RLLAB_QVEL_STD = 0.01, 0.1  # rllab's MujocoEnv.reset_mujoco: normal noise on the initial qpos and qvel
 
 
 def require(package: str, env: str) -> Any:
@@ -90,13 +104,12 @@ def copy_seeds(seed: int | list[int] | None, num_envs: int) -> list[int | None]:
 class HalfCheetahTasks(VectorEnv):
     """num_envs HalfCheetah-v5 simulators stepped together, each with its own task; the reward of the task family `family`.
 
-    reset(options={"tasks": [num_envs, 1]}) sets each copy's task (kept when not given) and puts it at
-    HalfCheetah-v5's start state plus its noise (uniform +-reset_noise_scale on qpos, normal on qvel), the
-    noise drawn from the copy's seed (reset(seed=[one per copy]); the sampler gives each task x rollout its own,
-    policy_gradient.start_seeds): the same seeds replay the same episodes.
-    step(actions [num_envs, 6]) returns (observations [num_envs, 20], rewards, terminated (never),
-    truncated (after `horizon` steps), info with the forward velocities and control costs). Tensors in,
-    tensors out (float32, on the tasks' device); nothing resets by itself (autoreset disabled).
+    reset(options={"tasks": [num_envs, 1]}) sets each copy's task (kept when not given) and puts it at the
+    model's start state plus the convention's noise, drawn from the copy's seed (reset(seed=[one per copy]); the
+    sampler gives each task x rollout its own, policy_gradient.start_seeds): the same seeds replay the same episodes.
+    step(actions [num_envs, 6]) advances every copy frame_skip MuJoCo steps and returns (observations
+    [num_envs, 20], rewards, terminated (never), truncated (after `horizon` steps), info with the forward velocities
+    and control costs). Tensors in, tensors out (float32, on the tasks' device); nothing resets by itself.
     """
 
     metadata = {"autoreset_mode": AutoresetMode.DISABLED}
@@ -106,17 +119,29 @@ class HalfCheetahTasks(VectorEnv):
     family: ClassVar[str] = ""  # "direction" or "velocity" (the subclasses)
     env_name: ClassVar[str] = ""
 
-    def __init__(self, num_envs: int, horizon: int = 200, reset_noise_scale: float = 0.1, threads: int = 1, **task_options: Any) -> None:
-        self.check_options(reset_noise_scale, threads, **task_options)
+    def __init__(
+        self,
+        num_envs: int,
+        horizon: int = 200,
+        frame_skip: int = 5,
+        convention: str = "gymnasium",
+        reset_noise_scale: float = 0.1,
+        threads: int = 1,
+        **task_options: Any,
+    ) -> None:
+        self.check_options(frame_skip, convention, reset_noise_scale, threads, **task_options)
         import mujoco
         from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
 
-        self.num_envs, self.horizon, self.reset_noise_scale = num_envs, horizon, reset_noise_scale
+        self.num_envs, self.horizon, self.convention = num_envs, horizon, convention
         # gymnasium's environments reset the copies (and the hand-written tests step them); rollout steps the states
-        self.sims = pooled(("halfcheetah", reset_noise_scale), num_envs, lambda: HalfCheetahEnv(reset_noise_scale=reset_noise_scale))
+        build = lambda: HalfCheetahEnv(frame_skip=frame_skip, reset_noise_scale=reset_noise_scale)  # noqa: E731
+        self.sims = pooled(("halfcheetah", frame_skip, reset_noise_scale), num_envs, build)
         self.model = self.sims[0].model
-        self.frame_skip, self.dt = self.sims[0].frame_skip, self.sims[0].dt
+        self.frame_skip, self.dt = frame_skip, self.model.opt.timestep * frame_skip  # the time of one action
         self.rollout_data = [mujoco.MjData(self.model) for _ in range(threads)]
+        self.com_data = mujoco.MjData(self.model)  # the rllab convention's centre-of-mass kinematics, one copy at a time
+        self.torso_id = self.model.body("torso").id
         self.state_spec = mujoco.mjtState.mjSTATE_FULLPHYSICS  # time, qpos, qvel (HalfCheetah has no activations)
         self.states = np.zeros((num_envs, mujoco.mj_stateSize(self.model, self.state_spec)))
         nq, nv = self.model.nq, self.model.nv
@@ -132,9 +157,13 @@ class HalfCheetahTasks(VectorEnv):
         self._t = 0
 
     @classmethod
-    def check_options(cls, reset_noise_scale: float = 0.1, threads: int = 1, **task_options: Any) -> None:
+    def check_options(cls, frame_skip: int = 5, convention: str = "gymnasium", reset_noise_scale: float = 0.1, threads: int = 1, **task_options: Any) -> None:
         """ConfigError unless mujoco is installed and the options are numbers of the right range (TypeError for unknown names)."""
         require("mujoco", cls.env_name)
+        if isinstance(frame_skip, bool) or not isinstance(frame_skip, int) or frame_skip < 1:
+            raise ConfigError(f"data.env_options.frame_skip={frame_skip!r} must be a whole number >= 1 (MuJoCo steps per action: Finn et al.'s rllab 1, HalfCheetah-v5 5).")
+        if convention not in CONVENTIONS:
+            raise ConfigError(f"data.env_options.convention={convention!r} is not known: use rllab (Finn et al.'s code) or gymnasium (HalfCheetah-v5).")
         if isinstance(reset_noise_scale, bool) or not isinstance(reset_noise_scale, (int, float)) or reset_noise_scale < 0:
             raise ConfigError(f"data.env_options.reset_noise_scale={reset_noise_scale!r} must be a number >= 0 (HalfCheetah-v5: 0.1).")
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
@@ -145,14 +174,29 @@ class HalfCheetahTasks(VectorEnv):
     def check_task_options(cls) -> None:
         """The task distribution's options (the subclasses'; none for directions)."""
 
-    def observe(self, qpos: np.ndarray, qvel: np.ndarray, torso_qpos: np.ndarray) -> np.ndarray:
-        """The references' observation [num_envs, 20]: qpos without the root's x, qvel, and the torso's position.
-
-        The torso's position is where gymnasium's get_body_com("torso") puts it after a step: MuJoCo's kinematics
-        of the last substep's start (torso_qpos), the body's offset plus the root's x and z slides.
-        """
-        torso = np.stack([torso_qpos[:, 0], np.zeros(len(torso_qpos)), torso_qpos[:, 1]], 1) + self.torso_offset
+    def observe(self, qpos: np.ndarray, qvel: np.ndarray, torso: np.ndarray) -> np.ndarray:
+        """The references' observation [num_envs, 20]: qpos without the root's x, qvel, and the torso's 3 numbers (torso [num_envs, 3])."""
         return np.concatenate([qpos[:, 1:], qvel, torso], 1)
+
+    def torso_position(self, torso_qpos: np.ndarray) -> np.ndarray:
+        """The torso body's position [num_envs, 3] where gymnasium's get_body_com("torso") puts it after a step: MuJoCo's
+        kinematics of the last substep's start (torso_qpos), the body's offset plus the root's x and z slides."""
+        return np.stack([torso_qpos[:, 0], np.zeros(len(torso_qpos)), torso_qpos[:, 1]], 1) + self.torso_offset
+
+    def centre_of_mass(self, states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(position [num_envs, 3], velocity [num_envs, 3]) of the cheetah's centre of mass (the torso's subtree) in each
+        state: rllab's get_body_com("torso") and get_body_comvel("torso"), MuJoCo's subtree_com and subtree_linvel."""
+        import mujoco
+
+        data, position, velocity = self.com_data, np.empty((len(states), 3)), np.empty((len(states), 3))
+        for i, state in enumerate(states):
+            mujoco.mj_setState(self.model, data, state, self.state_spec)
+            mujoco.mj_kinematics(self.model, data)
+            mujoco.mj_comPos(self.model, data)
+            mujoco.mj_comVel(self.model, data)
+            mujoco.mj_subtreeVel(self.model, data)
+            position[i], velocity[i] = data.subtree_com[self.torso_id], data.subtree_linvel[self.torso_id]
+        return position, velocity
 
     def task_reward(self, velocity: np.ndarray) -> np.ndarray:
         """The task term of the reward from the forward velocities [num_envs] (the subclasses')."""
@@ -167,13 +211,20 @@ class HalfCheetahTasks(VectorEnv):
             raise ValueError("reset(options={'tasks': tasks}) first: each environment needs its task")
         import mujoco
 
-        observations = []
         for i, (sim, copy_seed) in enumerate(zip(self.sims, copy_seeds(seed, self.num_envs))):
-            sim.reset(seed=copy_seed)
+            sim.reset(seed=copy_seed)  # gymnasium's noise, from the copy's seeded generator
+            if self.convention == "rllab":  # rllab's noise instead, from the same generator
+                noise = sim.np_random.standard_normal(self.model.nq + self.model.nv)
+                sim.set_state(sim.init_qpos + RLLAB_QPOS_STD * noise[: self.model.nq], sim.init_qvel + RLLAB_QVEL_STD * noise[self.model.nq :])
             mujoco.mj_getState(sim.model, sim.data, self.states[i], self.state_spec)
-            observations.append(np.concatenate([sim.data.qpos.flat[1:], sim.data.qvel.flat, sim.get_body_com("torso").flat]))
+        qpos, qvel = self.states[:, self.qpos], self.states[:, self.qvel]
+        if self.convention == "rllab":
+            torso = self.centre_of_mass(self.states)[0]
+        else:
+            torso = np.stack([sim.get_body_com("torso") for sim in self.sims])
+        observations = self.observe(qpos, qvel, torso)
         self._t = 0
-        return self._tensor(np.stack(observations)), {}
+        return self._tensor(observations), {}
 
     def _tensor(self, array: np.ndarray) -> Tensor:
         """array as float32 on the tasks' device."""
@@ -186,13 +237,20 @@ class HalfCheetahTasks(VectorEnv):
         from mujoco import rollout
 
         clipped = np.clip(torch.as_tensor(actions).detach().cpu().double().numpy(), -1.0, 1.0)
-        x_before = self.states[:, self.qpos][:, 0].copy()
+        before = self.states.copy()
+        x_before = before[:, self.qpos][:, 0]
         data = self.rollout_data if len(self.rollout_data) > 1 else self.rollout_data[0]
         trajectory, _ = rollout.rollout(self.model, data, self.states, clipped[:, None, :], nstep=self.frame_skip)
         self.states = np.ascontiguousarray(trajectory[:, -1])
         qpos, qvel = self.states[:, self.qpos], self.states[:, self.qvel]
-        velocity = (qpos[:, 0] - x_before) / self.dt
-        observations = self.observe(qpos, qvel, trajectory[:, -2, self.qpos])
+        if self.convention == "rllab":
+            torso, com_velocity = self.centre_of_mass(self.states)
+            velocity = com_velocity[:, 0]
+        else:
+            velocity = (qpos[:, 0] - x_before) / self.dt  # the root's x over the time of one action
+            # the first substep's start is the state before the step (not in the trajectory, which starts after it)
+            torso = self.torso_position(trajectory[:, -2, self.qpos] if self.frame_skip > 1 else before[:, self.qpos])
+        observations = self.observe(qpos, qvel, torso)
         control = CONTROL_COST * (clipped**2).sum(-1)
         reward = self.task_reward(velocity) - control
         self._t += 1
