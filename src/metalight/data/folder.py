@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 SPLITS = ("auto", "lists", "ratios")
 OPTIONS = ("lists", "ratios", "split_seed", "mixed_modes")
 MIXED_MODES = ("error", "convert")
+FOLDER_CLASSES = ("class folder", "folder paths relative to the root")  # what a class is, how it is named (messages)
 
 
 def _skipped(part: str) -> bool:
@@ -103,8 +104,12 @@ def list_classes(root: Path) -> tuple[dict[str, list[ImageRef]], list]:
     return {name: classes[name] for name in names}, identity
 
 
-def _read_lists(directory: Path, classes: dict[str, list[ImageRef]], root: Path) -> dict[str, list[str]]:
-    """Classes of train/val/test from `<directory>/<part>.txt`, each checked: it exists, it is listed once, in one part."""
+def _read_lists(directory: Path, classes: dict[str, list], root: Path, naming: tuple[str, str] = FOLDER_CLASSES) -> dict[str, list[str]]:
+    """Classes of train/val/test from `<directory>/<part>.txt`, each checked: it exists, it is listed once, in one part.
+
+    `naming` (what a class is, how it is named) speaks of class folders (the default) or of text labels in messages.
+    """
+    noun, how = naming
     parts: dict[str, list[str]] = {}
     for part in PARTS:
         path = directory / f"{part}.txt"
@@ -113,15 +118,15 @@ def _read_lists(directory: Path, classes: dict[str, list[ImageRef]], root: Path)
             if name not in classes:
                 example = next(iter(classes))
                 raise DataError(
-                    f"{path}:{number}: class {name!r} is not a class folder under {root}: fix the line (class "
-                    f"names are folder paths relative to the root, like {example!r}) or add that folder."
+                    f"{path}:{number}: class {name!r} is not a {noun} under {root}: fix the line (class names are "
+                    f"{how}, like {example!r}) or add that {noun}."
                 )
             if name in seen:
                 raise DataError(f"{path}:{number}: class {name!r} is listed twice: remove one of the lines.")
             seen.add(name)
         parts[part] = sorted(seen)
         if not parts[part]:
-            raise DataError(f"{path} lists no class: write one class folder name per line.")
+            raise DataError(f"{path} lists no class: write one {noun} name per line.")
     check_disjoint(parts, f"the class lists in {directory}")
     return parts
 
@@ -152,13 +157,17 @@ def ratio_split(names: list[str], ratios: list[float], seed: int) -> dict[str, l
 
 def choose_split(
     root: Path,
-    classes: dict[str, list[ImageRef]],
+    classes: dict[str, list],
     split: str,
     lists: str | None,
     ratios: object,
     split_seed: object,
+    naming: tuple[str, str] = FOLDER_CLASSES,
 ) -> tuple[dict[str, list[str]], str]:
-    """train/val/test class names and a sentence saying how they were chosen (logged)."""
+    """train/val/test class names (of `classes`' keys) and a sentence saying how they were chosen (logged).
+
+    `naming` (what a class is, how it is named) speaks of class folders or of text labels (data=text) in messages.
+    """
     directory = Path(lists) if lists else (root if root.is_dir() else root.parent)
     present = [part for part in PARTS if (directory / f"{part}.txt").is_file()]
     if split == "lists" or (split == "auto" and present):
@@ -168,7 +177,7 @@ def choose_split(
                 f"class lists incomplete in {directory}: {missing} missing. Write all three (one class per "
                 "line), point data.source.lists at the folder holding them, or set data.split=ratios."
             )
-        return _read_lists(directory, classes, root), f"by the class lists in {directory}"
+        return _read_lists(directory, classes, root, naming), f"by the class lists in {directory}"
     values = _ratios(ratios)
     if isinstance(split_seed, bool) or not isinstance(split_seed, int) or split_seed < 0:
         raise ConfigError(f"data.source.split_seed={split_seed!r} is not valid: give a whole number >= 0, e.g. 0.")
