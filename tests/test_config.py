@@ -14,12 +14,12 @@ from metalight.runs.training import build, train
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # image data sets, the image networks and the learners that take images; the regression families, model=mlp:
 # test_regression.py; algo=cnp and its model=cnp (regression only): test_algo_cnp.py; algo=maml_rl and its
-# model=gaussian_mlp (RL only): test_rl.py
+# model=gaussian_mlp (RL only): test_rl.py; the text encoders (model=text_bag, text_cnn): test_text_models.py
 ALGOS = sorted(p.stem for p in (CONF / "algo").glob("*.yaml") if not any(t in p.read_text() for t in ("metalight.algorithms.CNP", "metalight.algorithms.MAMLRL")))
 DATASETS = sorted(p.stem for p in (CONF / "data").glob("*.yaml") if "metalight.data.FewShotDataModule" in p.read_text())
 MODELS = sorted(
     p.stem for p in (CONF / "model").glob("*.yaml")
-    if not any(t in p.read_text() for t in ("metalight.models.MLP", "metalight.models.CNPNetwork", "metalight.models.GaussianMLP"))
+    if not any(t in p.read_text() for t in ("metalight.models.MLP", "metalight.models.CNPNetwork", "metalight.models.GaussianMLP", "metalight.text."))
 )
 _NODES: dict[tuple[str, str], dict] = {}
 # options built at test sizes: the one data set without a default location, and the large networks (the full

@@ -114,6 +114,16 @@ def split_state(module: nn.Module) -> tuple[Params, Params]:
     return params, fixed
 
 
+def inner_weights(module: nn.Module) -> frozenset[str]:
+    """The trainable weights an inner loop adapts: all but those the model names in `not_adapted`.
+
+    A text encoder names its 32,000-row token table there (model.adapt_embeddings=false): a trainable one
+    is then meta-learned by the outer loop alone, at its meta-values in every inner step.
+    """
+    kept = set(getattr(module, "not_adapted", ()))
+    return frozenset(name for name in split_state(module)[0] if name not in kept)
+
+
 def tracks_running_stats(module: nn.Module) -> bool:
     """True when a normalization layer keeps running statistics (updated in place in training mode)."""
     return any(

@@ -8,12 +8,13 @@ over training (`current_train_loop`) and the outer loss (`loss_weights`); the me
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from metalight.algorithms.base import EpisodicModule, OptimizerFactory, SchedulerFactory
-from metalight.algorithms.functional import InnerLoop, TaskOutcome, make_task_fn, split_state
+from metalight.algorithms.functional import InnerLoop, TaskOutcome, inner_weights, make_task_fn, split_state
 
 
 class MAML(EpisodicModule):
@@ -46,6 +47,12 @@ class MAML(EpisodicModule):
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
         self.train_loop = InnerLoop(steps=inner_steps, lr=inner_lr, first_order=first_order)
         self.eval_loop = InnerLoop(steps=eval_inner_steps, lr=inner_lr if eval_inner_lr is None else eval_inner_lr)
+        # every trainable weight but those the model keeps out of inner loops (a text encoder's token table)
+        self.adapted_weights = inner_weights(model)
+
+    def inner_options(self, training: bool) -> dict[str, Any]:
+        """Adapt `adapted_weights`; the other trainable weights stay at their meta-values and still get meta-gradients."""
+        return {"adapted": self.adapted_weights}
 
     def default_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         """Adam(lr=1e-3), the paper's outer optimizer."""

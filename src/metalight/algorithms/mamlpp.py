@@ -111,7 +111,7 @@ class MAMLpp(MAML):
             if isinstance(module, NORMALIZATION)
             for name, _ in module.named_parameters(recurse=False)
         }
-        weights = {k: v for k, v in split_state(model)[0].items() if k not in normalization}
+        weights = {k: v for k, v in split_state(model)[0].items() if k in self.adapted_weights and k not in normalization}
         self.adapted_weights = frozenset(weights)
         if lslr:
             self.step_sizes = LearnedStepSizes(weights, inner_lr, steps=rows)

@@ -8,7 +8,6 @@ from typing import Any
 
 from torch import nn
 
-from metalight.algorithms.functional import split_state
 from metalight.algorithms.maml import MAML
 from metalight.algorithms.step_sizes import LearnedStepSizes
 
@@ -26,10 +25,11 @@ class MetaSGD(MAML):
         inner_lr_range = None if inner_lr_range is None else [float(bound) for bound in inner_lr_range]
         super().__init__(model, **maml_options)
         init_range = inner_lr_range
-        self.step_sizes = LearnedStepSizes(split_state(model)[0], self.hparams.inner_lr, init_range=init_range)
+        adapted = {k: v for k, v in model.named_parameters() if k in self.adapted_weights}  # no sizes for a kept-out table
+        self.step_sizes = LearnedStepSizes(adapted, self.hparams.inner_lr, init_range=init_range)
         self.train_loop = dataclasses.replace(self.train_loop, learned_lr="per_parameter")
         self.eval_loop = dataclasses.replace(self.eval_loop, learned_lr="per_parameter")
 
     def inner_options(self, training: bool) -> dict[str, Any]:
-        """The learned step sizes (with their graph while training)."""
-        return {"step_sizes": self.step_sizes.by_weight(detached=not training)}
+        """MAML's adapted weights with their learned step sizes (with their graph while training)."""
+        return super().inner_options(training) | {"step_sizes": self.step_sizes.by_weight(detached=not training)}

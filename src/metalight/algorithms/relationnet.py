@@ -85,8 +85,11 @@ class RelationNet(MetricLearner):
     the queries together; false relates each query's N pairs alone and embeds each query alone (separate)
     or with the support set (joint).
     The model must say the shape of the map its `features` flatten in a `feature_map` attribute (C, h, w),
-    as model=conv4_relation does; another stops when the run starts.
+    as model=conv4_relation does; another stops when the run starts. Text is refused: its encoders give vectors,
+    which a relation module of convolutions cannot take (ProtoNets and Matching Networks compare them).
     """
+
+    modalities = ("images",)
 
 
     def __init__(

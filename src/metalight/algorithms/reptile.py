@@ -12,6 +12,7 @@ from metalight.algorithms.functional import (
     InnerLoop,
     InnerState,
     TaskOutcome,
+    inner_weights,
     make_task_fn,
     minibatch_indices,
     run_tasks_carrying_state,
@@ -107,6 +108,8 @@ class Reptile(EpisodicModule):
         )
         self.meta_lr, self.meta_lr_final, self.seed = meta_lr, meta_lr_final, seed
         self.inner_state = inner_state
+        # the weights each task moves (a text encoder's token table is kept out: theta - phi is 0 there, so Reptile never moves it)
+        self.adapted_weights = inner_weights(model)
         # the persistent inner Adam state of meta-training (None until the first meta-step or a checkpoint sets it)
         self.inner_optimizer_state: InnerState | None = None
 
@@ -146,10 +149,11 @@ class Reptile(EpisodicModule):
         return self.inner_optimizer_state.to(self.device)
 
     def inner_options(self, training: bool) -> dict[str, Any]:
-        """Evaluation starts every task from (a copy of) the meta-training inner state when it is persistent."""
+        """Adapt `adapted_weights`; evaluation starts every task from (a copy of) the meta-training inner state when it is persistent."""
+        options: dict[str, Any] = {"adapted": self.adapted_weights}
         if training or not self.persistent:
-            return {}
-        return {"initial_state": self.current_inner_state(split_state(self.model)[0])}
+            return options
+        return options | {"initial_state": self.current_inner_state(split_state(self.model)[0])}
 
     def adapt_carrying_state(self, batch: dict[str, Tensor], theta: dict[str, Tensor], indices: Tensor | None, record: str) -> TaskOutcome:
         """Adapt a meta-batch's tasks from theta with the persistent inner state, and keep the state they leave (class docstring)."""
@@ -162,7 +166,9 @@ class Reptile(EpisodicModule):
             _, fixed = split_state(self.model)
 
             def task_fn_from(start: InnerState) -> Any:
-                return make_task_fn(self.model, fixed, loop, "loop", record=record, return_params=True, initial_state=start, kind=self.task_kind)
+                return make_task_fn(
+                    self.model, fixed, loop, "loop", record=record, return_params=True, initial_state=start, kind=self.task_kind, adapted=self.adapted_weights
+                )
 
             outcome, state = run_tasks_carrying_state(task_fn_from, theta, batch, indices, state, loop.steps)
         self.inner_optimizer_state = self._mean_over_ranks(state)

@@ -68,6 +68,7 @@ def validate_config(cfg: DictConfig) -> None:
         )
     _check_epoch_schedules(cfg)
     _check_task_kind(cfg)
+    _check_modality(cfg)
     _check_train_mode(cfg)
 
 
@@ -88,6 +89,30 @@ def _check_task_kind(cfg: DictConfig) -> None:
         algorithm.check_task_kind(kind)
     if kind is not None and kind.name == "regression" and OmegaConf.is_missing(cfg.data, "family"):
         raise ConfigError("data.family is not set: give data.family=<package.module.function> (README, Regression), or use data=sinusoid.")
+
+
+def _check_modality(cfg: DictConfig) -> None:
+    """Images go to image networks, token ids to text encoders (a model's `modality`: "text", or images when it has none),
+    and to learners that take them (a learner's `modalities`, when it names them): a mismatch would fail deep inside a forward."""
+    model, data, algorithm = (_target_class(cfg, group) for group in ("model", "data", "algo"))
+    if model is None or data is None:
+        return
+    given, taken = getattr(data, "modality", None), getattr(model, "modality", "images")
+    data_name, model_name = _value(cfg, "data._target_"), _value(cfg, "model._target_")
+    if given is None and taken == "text":
+        raise ConfigError(
+            f"model={model_name} is a text encoder (token ids in), but the data ({data_name}) gives no text: use a model of its "
+            "kind (model=mlp for regression, the RL configs' own), or text data (data=banking77, hwu64, liu, clinc150, text)."
+        )
+    if given is not None and given != taken:
+        fix = "a text encoder: model=text_bag or model=text_cnn" if given == "text" else "an image network: model=conv4, conv4_mini, resnet12 or timm"
+        raise ConfigError(f"model={model_name} takes {taken}, but the data ({data_name}) gives {given}: use {fix}.")
+    wanted = getattr(algorithm, "modalities", None) if algorithm is not None else None
+    if given is not None and wanted is not None and given not in wanted:
+        raise ConfigError(
+            f"algo={_value(cfg, 'algo._target_')} takes {' and '.join(wanted)} only, but the data ({data_name}) gives {given}: "
+            "use another learner (algo=protonet, matchingnet, maml, anil, baseline, ...)."
+        )
 
 
 def _check_train_mode(cfg: DictConfig) -> None:
