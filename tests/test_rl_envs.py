@@ -77,6 +77,92 @@ def test_sampled_tasks_start_from_fresh_states_the_same_in_each_phase() -> None:
     assert not torch.equal(starts[0][0], starts[2][0]) and torch.equal(starts[0][1], starts[2][1])
 
 
+@pytest.mark.parametrize("frame_skip", [1, 2])
+def test_halfcheetah_takes_frame_skip_mujoco_steps_per_action_and_its_velocity_is_per_second(frame_skip) -> None:
+    """A step is frame_skip MuJoCo steps of 0.01 s with the clipped action (a plain MjData stepped by mj_step from the same
+    state), and the gymnasium convention's velocity is the root's displacement over that time (frame_skip x 0.01 s)."""
+    import mujoco
+
+    env = HalfCheetahDirection(2, frame_skip=frame_skip, convention="gymnasium")
+    env.reset(seed=[0, 1], options={"tasks": torch.tensor([[1.0], [-1.0]])})
+    before, action = env.states.copy(), torch.tensor([[0.5, -2.0, 0.3, 1.5, -0.7, 0.1], [1.0, 0.2, -0.4, 0.9, 0.0, -3.0]])
+    _, reward, *_, info = env.step(action)
+    assert env.dt == pytest.approx(0.01 * frame_skip) and env.model.opt.timestep == pytest.approx(0.01)
+    data = mujoco.MjData(env.model)
+    for i in range(2):
+        mujoco.mj_setState(env.model, data, before[i], env.state_spec)
+        data.ctrl[:] = np.clip(action[i].double().numpy(), -1, 1)
+        for _ in range(frame_skip):
+            mujoco.mj_step(env.model, data)
+        assert np.allclose(data.qpos, env.states[i, env.qpos], atol=1e-10) and np.allclose(data.qvel, env.states[i, env.qvel], atol=1e-10)
+        assert info["x_velocity"][i] == pytest.approx((data.qpos[0] - before[i, env.qpos][0]) / (0.01 * frame_skip), rel=1e-9)
+    control = 0.05 * (action.clamp(-1, 1).double() ** 2).sum(-1)
+    assert np.allclose(reward.double().numpy(), np.array([1.0, -1.0]) * info["x_velocity"] - control.numpy(), atol=1e-5)
+
+
+def start_states(convention: str) -> np.ndarray:
+    """qpos and qvel [200, 17] of 200 start states of the convention (8 copies x 25 seeds)."""
+    env = HalfCheetahDirection(8, convention=convention)
+    states = []
+    for first in range(0, 200, 8):
+        env.reset(seed=first, options={"tasks": torch.ones(8, 1)})
+        states.append(np.concatenate([env.states[:, env.qpos], env.states[:, env.qvel]], 1))
+    return np.concatenate(states)
+
+
+def test_start_noise_is_rllabs_normal_or_gymnasiums_uniform() -> None:
+    """rllab (Finn et al.): qpos0 + N(0, 0.01), qvel N(0, 0.1); gymnasium (HalfCheetah-v5): qpos0 + U(-0.1, 0.1), qvel N(0, 0.1)."""
+    rllab, gym = start_states("rllab"), start_states("gymnasium")  # qpos0 is 0 for every joint of the cheetah
+    assert 0.009 < rllab[:, :9].std() < 0.011 and 0.09 < rllab[:, 9:].std() < 0.11
+    assert abs(gym[:, :9]).max() <= 0.1 and 0.054 < gym[:, :9].std() < 0.061 and 0.09 < gym[:, 9:].std() < 0.11  # 0.1 / sqrt(3)
+
+
+def test_rllab_convention_observes_and_rewards_the_centre_of_mass_after_the_step() -> None:
+    """Under convention=rllab the observation's last 3 numbers are the cheetah's centre of mass (sum of body masses x body
+    centres / total mass) and the velocity the mass-weighted mean of the bodies' linear velocities (rllab's
+    _compute_subtree over mj_objectVelocity), both of the state after the step; the direction reward is that velocity."""
+    import mujoco
+
+    env = HalfCheetahDirection(2, frame_skip=1, convention="rllab")
+    observation, _ = env.reset(seed=[4, 5], options={"tasks": torch.tensor([[1.0], [-1.0]])})
+    model, data, mass = env.model, mujoco.MjData(env.model), env.model.body_mass
+    for t in range(3):
+        if t:
+            observation, reward, *_, info = env.step(torch.full((2, 6), 0.8))
+        for i in range(2):
+            mujoco.mj_setState(model, data, env.states[i], env.state_spec)
+            mujoco.mj_forward(model, data)
+            centre = (mass[:, None] * data.xipos).sum(0) / mass.sum()
+            velocities = np.zeros((model.nbody, 6))
+            for body in range(model.nbody):
+                mujoco.mj_objectVelocity(model, data, mujoco.mjtObj.mjOBJ_BODY, body, velocities[body], 0)
+            momentum = (mass[:, None] * velocities[:, 3:]).sum(0) / mass.sum()
+            assert np.allclose(observation[i, -3:].double().numpy(), centre, atol=1e-6)
+            if t:
+                assert info["x_velocity"][i] == pytest.approx(momentum[0], abs=1e-9)
+                assert float(reward[i]) == pytest.approx((1.0 if i == 0 else -1.0) * momentum[0] - 0.05 * 6 * 0.64, abs=1e-5)
+    assert not np.allclose(observation[:, -3:].numpy(), env.states[:, env.qpos][:, [0, 1, 1]]), "not the torso body's position"
+
+
+def test_linear_baseline_features_clip_observations_at_10_as_rllab() -> None:
+    from metalight.algorithms.policy_gradient import baseline_features
+
+    observations = torch.tensor([[[-25.0, 3.0], [12.0, -10.0]]])
+    features = baseline_features(observations, torch.ones(1, 2))
+    assert features[0, :, :2].tolist() == [[-10.0, 3.0], [10.0, -10.0]] and features[0, :, 2:4].tolist() == [[100.0, 9.0], [100.0, 100.0]]
+
+
+def test_finn_protocols_run_at_the_authors_rate_and_halve_the_later_evaluation_steps(compose_generated) -> None:
+    """Every Finn et al. RL protocol tests with 0.1 then 0.05 (A.2); the HalfCheetah ones run rllab's physics (1 step of 0.01 s)."""
+    for experiment in ("halfcheetah_dir", "halfcheetah_vel", "navigation2d_finn", "metaworld_ml1_reach"):
+        cfg = compose_generated(f"experiment={experiment}", folder=experiment)
+        assert cfg.algo.inner_lr == 0.1 and cfg.algo.eval_inner_lr is None and cfg.algo.eval_inner_lr_later == 0.05, experiment
+        if experiment.startswith("halfcheetah"):
+            options = cfg.data.env_options
+            assert options.frame_skip == 1 and options.convention == "rllab" and cfg.data.horizon == 200, experiment
+    assert compose_generated("experiment=halfcheetah_vel", folder="vel").data.env_options.velocity_range == [0.0, 2.0]
+
+
 def datamodule(env: str, **options) -> RLDataModule:
     module = RLDataModule(env=env, horizon=10, rollouts=2, meta_batch_size=2, n_val_tasks=2, n_test_tasks=2, **options)
     module.setup()
@@ -121,13 +207,22 @@ def reach():
     return module
 
 
-def test_metaworld_trains_on_ml1_train_goals_and_is_scored_on_its_test_goals(reach) -> None:
-    from metalight.tasks.meta_world import benchmark
+def test_metaworld_tests_each_ml1_test_goal_once_and_validates_on_held_out_training_goals(reach) -> None:
+    """The test scores ML1's 50 test goals (50-99) once each, in order; validation the last 10 training goals (40-49), once
+    each, which meta-training never draws; no goal is both validated and tested."""
+    from metalight.tasks.meta_world import MetaWorldML1DataModule, benchmark
 
-    keys = [(e, i) for e in range(10) for i in range(20)]
-    train, val, test = (reach.tasks(split)[keys]["tasks"][:, 0] for split in ("train", "val", "test"))
-    assert train.min() >= 0 and train.max() <= 49 and len(set(train.tolist())) > 40
-    assert val.min() >= 50 and test.max() <= 99 and not torch.equal(val, test)
+    module = MetaWorldML1DataModule(env_options={"task": "reach"}, horizon=10, rollouts=1, meta_batch_size=20, n_val_tasks=10, n_test_tasks=50, eval_batch_size=16)
+    module.setup()
+    scored = {part: [int(g) for batch in loader for g in batch["tasks"][:, 0].tolist()] for part, loader in (("val", module.val_dataloader()), ("test", module.test_dataloader()))}
+    assert scored["test"] == list(range(50, 100)) and scored["val"] == list(range(40, 50))
+    train = module.tasks("train")[[(e, i) for e in range(10) for i in range(20)]]["tasks"][:, 0]
+    assert train.min() >= 0 and train.max() <= 39 and len(set(train.tolist())) > 35
+    seeds = module.tasks("test")[[(0, i) for i in range(50)]]["seeds"]
+    assert len(set(seeds.tolist())) == 50 and torch.equal(seeds, module.tasks("test")[[(0, i) for i in range(50)]]["seeds"]), "each goal its own fixed noise"
+    for bad, key in (({"n_val_tasks": 50}, "n_val_tasks"), ({"n_test_tasks": 51}, "n_test_tasks")):
+        with pytest.raises(ConfigError, match=key):
+            MetaWorldML1DataModule(env_options={"task": "reach"}, horizon=10, **bad)
     ml1 = benchmark("reach", 0)  # metaworld.ML1("reach-v3", seed=0), built once
     env = reach.environment.make(2)
     assert np.allclose(env.goal(3), np.asarray(__import__("pickle").loads(ml1.train_tasks[3].data)["rand_vec"][-3:]))

@@ -2,9 +2,10 @@
 
 A task is one number, the place of its goal in ML1's task list: 0-49 are ML1's `train_tasks`, 50-99 its
 `test_tasks` (for data.env_options.task and benchmark_seed; each holds the object's start position and
-the goal, Meta-World's `rand_vec`). Training meta-batches draw from the training goals, validation and test
-from the test goals (MetaWorldML1DataModule), so the reported figures are on goals never trained on, as
-the benchmark's ML1 protocol asks. The goal is hidden from the policy (ML1's partially observable setting):
+the goal, Meta-World's `rand_vec`). The test scores ML1's test goals, each once, in order (data.n_test_tasks <= 50;
+50: all of them), so the reported figures are on goals never trained on, as the benchmark's ML1 protocol asks.
+Checkpoints are chosen on the last data.n_val_tasks training goals, held out of meta-training (which draws from the
+others), never on test goals (MetaWorldML1DataModule). The goal is hidden from the policy (ML1's partially observable setting):
 observations are Meta-World's 39 numbers with the goal zeroed, actions 4 numbers in [-1, 1].
 
 Meta-World reports success (the object within a task-specific distance of the goal) in info["success"] at
@@ -104,14 +105,14 @@ class MetaWorldML1(VectorEnv):
             raise ConfigError(f"data.env_options.benchmark_seed={benchmark_seed!r} must be a whole number >= 0.")
 
     @staticmethod
-    def draw_task(rng: np.random.Generator, split: str | None = None, **options: Any) -> np.ndarray:
-        """One task number: uniform over ML1's 50 training goals (split train), else over its 50 test goals."""
-        if split is None:  # drawn by the plain RLDataModule, which cannot tell the splits apart
+    def draw_task(rng: np.random.Generator, split: str | None = None, train_goals: int = N_GOALS, **options: Any) -> np.ndarray:
+        """One training task number: uniform over ML1's first `train_goals` training goals (the others are held out for validation)."""
+        if split != "train":  # drawn by the plain RLDataModule, which cannot tell the splits apart
             raise ConfigError(
-                "data.env=metaworld_ml1 needs data._target_=metalight.tasks.meta_world.MetaWorldML1DataModule, which draws "
-                "validation and test tasks from ML1's test goals: use data=metaworld_ml1."
+                "data.env=metaworld_ml1 needs data._target_=metalight.tasks.meta_world.MetaWorldML1DataModule, which validates "
+                "on held-out training goals and tests on ML1's test goals: use data=metaworld_ml1."
             )
-        return np.array([float(rng.integers(N_GOALS) + (0 if split == "train" else N_GOALS))])
+        return np.array([float(rng.integers(train_goals))])
 
     def goal(self, number: int) -> np.ndarray:
         """The goal position of task `number` (the last 3 numbers of its rand_vec)."""
@@ -156,22 +157,41 @@ class MetaWorldML1(VectorEnv):
         return self._tensor(np.stack(observations)), self._tensor(rewards), terminated, torch.as_tensor(truncated).to(terminated.device), {"success": success}
 
 
+class ListedGoals(EnvironmentTasks):
+    """Validation or test tasks of ML1: task i is goal number first + i, each goal once, in order (the noise seeds as EnvironmentTasks draws them)."""
+
+    def __init__(self, first: int, split: str, seed: int) -> None:
+        super().__init__(lambda rng: np.zeros(1), split, seed)
+        self.first = first
+
+    def parameters(self, rng: np.random.Generator, index: int) -> np.ndarray:
+        """Goal number first + index."""
+        return np.array([float(self.first + index)])
+
+
 class MetaWorldML1DataModule(RLDataModule):
-    """data=metaworld_ml1: RLDataModule whose training tasks are ML1's training goals and whose validation and test tasks are its test goals."""
+    """data=metaworld_ml1: RLDataModule that meta-trains on ML1's training goals but the last n_val_tasks, validates on those
+    (each once) and tests on its test goals (the first n_test_tasks, each once)."""
 
     def __init__(self, env: str = "metaworld_ml1", env_options: Mapping | None = None, horizon: int = 500, **settings: Any) -> None:
         if isinstance(horizon, int) and horizon > 500:
             raise ConfigError(f"data.horizon={horizon} is longer than Meta-World's episodes (500 steps): use at most 500.")
         super().__init__(env, env_options, horizon, **settings)
+        if self.n_val_tasks >= N_GOALS:
+            raise ConfigError(f"data.n_val_tasks={self.n_val_tasks} holds out that many of ML1's {N_GOALS} training goals for validation: use fewer, e.g. 10.")
+        if self.n_test_tasks > N_GOALS:
+            raise ConfigError(f"data.n_test_tasks={self.n_test_tasks}: ML1 has {N_GOALS} test goals, each scored once: use at most {N_GOALS}.")
 
     def setup(self, stage: str | None = None) -> None:
-        """The three task streams: training goals for train (of `seed`), test goals for val and test (of `eval_seed`)."""
+        """The three task streams: training goals 0..49-n_val drawn for train (of `seed`), the held-out training goals
+        for val and ML1's test goals for test, listed (their noise of `eval_seed`)."""
         if not self._datasets:
-            draw = lambda split: lambda rng: self.env_class.draw_task(rng, split=split, **self.env_options)  # noqa: E731
+            train_goals = N_GOALS - self.n_val_tasks
+            draw = lambda rng: self.env_class.draw_task(rng, split="train", train_goals=train_goals, **self.env_options)  # noqa: E731
             self._datasets = {
-                "train": EnvironmentTasks(draw("train"), "train", self.seed),
-                "val": EnvironmentTasks(draw("val"), "val", self.eval_seed),
-                "test": EnvironmentTasks(draw("test"), "test", self.eval_seed),
+                "train": EnvironmentTasks(draw, "train", self.seed),
+                "val": ListedGoals(train_goals, "val", self.eval_seed),
+                "test": ListedGoals(N_GOALS, "test", self.eval_seed),
             }
 
 

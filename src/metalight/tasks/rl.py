@@ -72,7 +72,11 @@ class EnvironmentTasks(Dataset):
     def task(self, epoch: int, index: int) -> tuple[np.ndarray, int]:
         """Task (epoch, index): its parameters and the seed of its rollouts' noise."""
         rng = np.random.default_rng([self.seed, SPLIT_CODES[self.split], epoch, index])
-        return np.asarray(self.draw(rng), dtype=np.float64), int(rng.integers(2**62))
+        return np.asarray(self.parameters(rng, index), dtype=np.float64), int(rng.integers(2**62))
+
+    def parameters(self, rng: np.random.Generator, index: int) -> np.ndarray:
+        """The parameters of task `index`: drawn from rng (a subclass may list them instead)."""
+        return self.draw(rng)
 
     def __getitem__(self, keys: Sequence[Key]) -> dict[str, torch.Tensor]:
         tasks, seeds = zip(*(self.task(epoch, index) for epoch, index in keys))
