@@ -50,7 +50,7 @@ def test_training_and_evaluation_log_every_metric():
     results = maml.test_results
     assert results["n_tasks"] == 5 and len(results["acc_steps"]) == 4
     assert results["acc_before"] == results["acc_steps"][0] and results["acc"] == pytest.approx(results["acc_steps"][-1])
-    assert {"test/acc", "test/acc_ci95", "test/acc_step3"} <= set(trainer.callback_metrics)
+    assert {"test/acc", "test/acc_ci95", "test/acc_step3"} | {f"test/acc_step{k}_ci95" for k in range(4)} <= set(trainer.callback_metrics)
 
 
 def test_evaluation_aggregates_over_tasks_not_batches():
@@ -68,6 +68,10 @@ def test_evaluation_aggregates_over_tasks_not_batches():
     assert maml.test_results["acc"] == pytest.approx(accs.mean().item())
     assert maml.test_results["acc_ci95"] == pytest.approx(1.96 * accs.std().item() / math.sqrt(5))
     assert maml.test_results["acc_steps"] == pytest.approx(outcome.scores.double().mean(0).tolist())
+    per_step = (1.96 * outcome.scores.double().std(0) / math.sqrt(5)).tolist()  # every step's own interval
+    assert len(set(per_step)) > 1, "the test case does not tell the steps' intervals apart"
+    assert maml.test_results["acc_steps_ci95"] == pytest.approx(per_step)
+    assert maml.test_results["acc_before_ci95"] == pytest.approx(per_step[0])
     assert maml.test_results["loss"] == pytest.approx(outcome.loss.mean().item(), rel=1e-6)
 
 

@@ -118,6 +118,7 @@ class EpisodicModule(pl.LightningModule):
         self.keep_test_logits = False
         self.test_outputs: list[tuple[Tensor, Tensor]] = []
         self._eval_sums: Tensor | None = None
+        self._eval_points = 1  # scores per task: the inner steps + 1 when it adapts
         self._eval_seen = 0
         self._last_step_start: float | None = None
         # the task interface: loss and metric of the tasks this learner meets (set from the data module)
@@ -353,9 +354,9 @@ class EpisodicModule(pl.LightningModule):
 
     # ---- evaluation ---------------------------------------------------------------------------
     def _start_eval(self) -> None:
-        """Zero the per-epoch sums: count, score, score^2, loss, score_before^2, then the score at each inner step (or once)."""
-        points = self.eval_steps + 1 if self.adapts else 1
-        self._eval_sums = torch.zeros(5 + points, dtype=torch.float64, device=self.device)
+        """Zero the per-epoch sums: count, loss, then the score at each inner step (or once), then its square at each."""
+        self._eval_points = self.eval_steps + 1 if self.adapts else 1
+        self._eval_sums = torch.zeros(2 + 2 * self._eval_points, dtype=torch.float64, device=self.device)
         self._eval_seen = 0
         self.test_outputs = []
 
@@ -376,13 +377,15 @@ class EpisodicModule(pl.LightningModule):
         if keep:
             self.test_outputs.append((outcome.logits[:, -1].detach().cpu(), batch["query_y"].cpu()))
         scores = outcome.scores.detach().double()
-        final, before = scores[:, -1], scores[:, 0]
-        head = torch.stack([final.new_tensor(float(len(final))), final.sum(), (final**2).sum(), outcome.loss.detach().double().sum(), (before**2).sum()])
-        self._eval_sums += torch.cat([head, scores.sum(dim=0)])
-        self._eval_seen += len(final)
+        head = torch.stack([scores.new_tensor(float(len(scores))), outcome.loss.detach().double().sum()])
+        self._eval_sums += torch.cat([head, scores.sum(dim=0), (scores**2).sum(dim=0)])
+        self._eval_seen += len(scores)
 
     def _finish_eval(self, stage: str) -> dict[str, Any]:
-        """Reduce the sums over ranks (one collective), log stage/* metrics, return them as plain numbers."""
+        """Reduce the sums over ranks (one collective), log stage/* metrics, return them as plain numbers.
+
+        Every reported step has its interval (metric_steps_ci95, logged as stage/<metric>_step<k>_ci95), so a
+        comparison at step 1 is judged by step 1's interval, not the last step's."""
         if self._eval_sums is None:
             self._start_eval()
         sums = self.trainer.strategy.reduce(self._eval_sums, reduce_op="sum").tolist()
@@ -390,14 +393,21 @@ class EpisodicModule(pl.LightningModule):
         n = int(sums[0])
         if n == 0:
             return {}
-        metric = self.metric
-        score, score_ci95 = mean_and_ci95(sums[1], sums[2], n)
-        results: dict[str, Any] = {metric: score, f"{metric}_ci95": score_ci95, "loss": sums[3] / n, "n_tasks": n}
+        metric, points = self.metric, self._eval_points
+        steps = [mean_and_ci95(total, total_sq, n) for total, total_sq in zip(sums[2 : 2 + points], sums[2 + points :])]
+        score, score_ci95 = steps[-1]
+        results: dict[str, Any] = {metric: score, f"{metric}_ci95": score_ci95, "loss": sums[1] / n, "n_tasks": n}
         if self.adapts:
-            before, before_ci95 = mean_and_ci95(sums[5], sums[4], n)
-            results |= {f"{metric}_before": before, f"{metric}_before_ci95": before_ci95, f"{metric}_steps": [s / n for s in sums[5:]]}
-        logged = {f"{stage}/{k}": v for k, v in results.items() if k not in (metric, "n_tasks", f"{metric}_steps")}
-        logged.update({f"{stage}/{metric}_step{k}": v for k, v in enumerate(results.get(f"{metric}_steps", []))})
+            results |= {
+                f"{metric}_before": steps[0][0],
+                f"{metric}_before_ci95": steps[0][1],
+                f"{metric}_steps": [mean for mean, _ in steps],
+                f"{metric}_steps_ci95": [ci95 for _, ci95 in steps],
+            }
+        per_step = (f"{metric}_steps", f"{metric}_steps_ci95")
+        logged = {f"{stage}/{k}": v for k, v in results.items() if k not in (metric, "n_tasks", *per_step)}
+        logged.update({f"{stage}/{metric}_step{k}": v for k, v in enumerate(results.get(per_step[0], []))})
+        logged.update({f"{stage}/{metric}_step{k}_ci95": v for k, v in enumerate(results.get(per_step[1], []))})
         # identical on every rank already (reduced above); sync_dist averages equal values, so it only
         # keeps Lightning from warning about unsynced epoch-level metrics under DDP
         self.log_dict(logged, sync_dist=True)
@@ -425,7 +435,7 @@ class EpisodicModule(pl.LightningModule):
         self._eval_step(batch, "test")
 
     def on_test_epoch_end(self) -> None:
-        """Log test/* and keep them in `test_results` (acc, acc_ci95, loss, n_tasks; acc_before, acc_steps when it adapts; mse_* for regression)."""
+        """Log test/* and keep them in `test_results` (acc, acc_ci95, loss, n_tasks; acc_before, acc_steps, acc_steps_ci95 when it adapts; mse_* for regression)."""
         self.test_results = self._finish_eval("test")
 
     # ---- checkpoint ---------------------------------------------------------------------------
