@@ -45,6 +45,15 @@ def data_dir() -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def intents_dir() -> Path:
+    """Root holding intents/ (BANKING77, HWU64, Liu, OOS with their class splits) as described in ../shared/data/README.md."""
+    root = _data_root()
+    if root is None or not (root / "intents").is_dir():
+        pytest.skip("intent data not found: set DATA_DIR to a folder holding intents/ (see README, Data: Language)")
+    return root
+
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
