@@ -112,7 +112,7 @@ def test_within_alphabet_tasks_take_their_characters_from_one_alphabet(data_dir,
     datamodule = FewShotDataModule(**options, within_alphabet=within)
     datamodule.setup()
     files = sorted((root / "images_evaluation").glob("*/*/*.png"))
-    by_file = datamodule.image_format()(files)
+    by_file = datamodule.input_format()(files)
     support = next(iter(datamodule.test_dataloader()))["support_x"]
     alphabet = [[files[next(i for i, mine in enumerate(by_file) if torch.equal(datamodule.normalize(image), mine))].parts[-3] for image in task] for task in support]
     mixed = sum(len(set(task)) > 1 for task in alphabet)

@@ -18,7 +18,7 @@ from metalight.errors import CheckpointError, ConfigError
 from metalight.apply.evaluation import restore_run_config
 from metalight.apply.fixed_episodes import episode_batches, score_episodes
 from metalight.apply.learner import FewShotLearner
-from metalight.runs.checkpoints import load_weights, restore_image_format
+from metalight.runs.checkpoints import load_weights, restore_input_format
 from metalight.runs.training import build, train
 from trained_runs import ALGORITHMS, IMAGE_SIZE, SHAPE, make_run, write_episodes, write_mini_omniglot, write_noise
 
@@ -37,7 +37,7 @@ def test_predict_gives_the_logits_eval_py_scores_the_episode_with(compose_in, no
     checkpoint = torch.load(checkpoint_path, weights_only=True)
     objects = build(restore_run_config(checkpoint_path, cfg, [f"episodes={episodes}"]))
     load_weights(objects["algorithm"], checkpoint, checkpoint_path)
-    batches = episode_batches(read_episodes(episodes), restore_image_format(objects["datamodule"], checkpoint, checkpoint_path))
+    batches = episode_batches(read_episodes(episodes), restore_input_format(objects["datamodule"], checkpoint, checkpoint_path))
     _, (eval_logits,) = score_episodes(objects["algorithm"], objects["trainer"], batches)
 
     learner = FewShotLearner.load(run).adapt([noise / "class03" / "0.png", noise / "class07" / "2.png"], ["class03", "class07"])
@@ -59,11 +59,11 @@ def test_a_file_through_the_learner_is_the_tensor_the_datamodule_yields(compose_
     run = make_run(compose_in, tmp_path / "train", noise, "protonet")
     learner = FewShotLearner.load(run)
     files = sorted(noise.glob("*/*.png"))
-    by_file = learner.image_format(files)
+    by_file = learner.input_format(files)
     cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
     datamodule = FewShotDataModule(**{k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k != "_target_"})
     datamodule.setup()
-    assert learner.image_format.mean == tuple(datamodule.mean) and learner.image_format.std == tuple(datamodule.std)
+    assert learner.input_format.mean == tuple(datamodule.mean) and learner.input_format.std == tuple(datamodule.std)
     batch = datamodule.on_after_batch_transfer(next(iter(datamodule.test_dataloader())), 0)
     yielded = torch.cat([batch["support_x"].flatten(0, 1), batch["query_x"].flatten(0, 1)])
     assert yielded.shape[1:] == (3, IMAGE_SIZE, IMAGE_SIZE)
@@ -77,7 +77,7 @@ def test_omniglot_files_are_inverted_resized_and_normalized_as_the_datamodule_do
                    mean=[0.1], std=[0.5], cache_dir=str(tmp_path / "cache"), eval_batch_size=1, n_test_tasks=1)
     datamodule = FewShotDataModule(**options)
     datamodule.setup()
-    image_format = datamodule.image_format()
+    image_format = datamodule.input_format()
     assert image_format == ImageFormat(28, 1, True, (0.1,), (0.5,))
     files = sorted((root / "images_evaluation").glob("*/*/*.png"))
     by_file = image_format(files)
@@ -103,4 +103,4 @@ def test_a_run_saves_its_mean_and_std_and_the_learner_uses_them_without_the_data
     (run / ".hydra").mkdir()
     OmegaConf.save({k: v for k, v in cfg.items() if k != "hydra"}, run / ".hydra" / "config.yaml")
     learner = FewShotLearner.load(run)
-    assert learner.image_format.mean == tuple(saved["mean"]) and learner.image_format.std == tuple(saved["std"])
+    assert learner.input_format.mean == tuple(saved["mean"]) and learner.input_format.std == tuple(saved["std"])

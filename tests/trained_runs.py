@@ -41,7 +41,11 @@ def write_noise(root: Path) -> Path:
 def make_run(compose_in, folder: Path, images: Path, algo: str) -> Path:
     """A run folder as train.py leaves it (.hydra/config.yaml, checkpoints/last.ckpt with the data's mean/std), untrained weights."""
     cfg = compose_in(folder, "data=folder", f"data.root={images}", *SHAPE, *quick(algo))
-    run = folder / "run"
+    return _saved_run(cfg, folder / "run")
+
+
+def _saved_run(cfg, run: Path) -> Path:
+    """The run folder of composed config `cfg`: .hydra/config.yaml and checkpoints/last.ckpt of its untrained algorithm."""
     (run / ".hydra").mkdir(parents=True)
     OmegaConf.save({k: v for k, v in cfg.items() if k != "hydra"}, run / ".hydra" / "config.yaml")
     datamodule, algorithm = build_data_and_algorithm(cfg)
@@ -49,9 +53,31 @@ def make_run(compose_in, folder: Path, images: Path, algo: str) -> Path:
     if hasattr(algorithm, "build_classifier"):  # Baseline's pretraining classifier, built by fit's setup
         algorithm.build_classifier(datamodule.train_classes)
     (run / "checkpoints").mkdir()
-    checkpoint = {"state_dict": algorithm.state_dict(), "hyper_parameters": dict(algorithm.hparams), "FewShotDataModule": datamodule.state_dict()}
+    checkpoint = {"state_dict": algorithm.state_dict(), "hyper_parameters": dict(algorithm.hparams), type(datamodule).__qualname__: datamodule.state_dict()}
     torch.save(checkpoint, run / "checkpoints" / "last.ckpt")
     return run
+
+
+TOPICS = ("card", "transfer", "weather", "alarm", "music", "recipe", "flight", "taxi")
+TEXT_SHAPE = (
+    "data=text", "model=text_bag", "model.hidden=[8]", "data.n_way=2", "data.k_shot=1", "data.k_query=2",
+    "data.source.ratios=[0.5,0.25,0.25]", "data.meta_batch_size=2", "data.eval_batch_size=2", "data.n_val_tasks=2",
+    "data.n_test_tasks=2", "data.batches_per_epoch=1",
+)
+
+
+def write_utterances(path: Path, per_class: int = 4) -> Path:
+    """A CSV (text,label) of len(TOPICS) classes, each `per_class` short utterances about its topic word."""
+    rows = ["text,label"] + [f"my {topic} question number {j} please,{topic}" for topic in TOPICS for j in range(per_class)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def make_text_run(compose_in, folder: Path, utterances: Path, algo: str) -> Path:
+    """make_run on text: a run folder of data=text on `utterances` with a tiny bag of WordLlama's embeddings, untrained."""
+    cfg = compose_in(folder, *TEXT_SHAPE, f"data.root={utterances}", *quick(algo))
+    return _saved_run(cfg, folder / "run")
 
 
 def write_episodes(path: Path, images: Path, episodes: list[dict[str, list[str]]]) -> Path:

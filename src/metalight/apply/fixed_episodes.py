@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader
 from metalight.algorithms.base import EpisodicModule
 from metalight.data.episode_files import Episode, read_episodes
 from metalight.data.lake_runs import load_lake_runs
-from metalight.data.preprocess import ImageFormat
-from metalight.runs.checkpoints import restore_image_format
+from metalight.data.preprocess import InputFormat
+from metalight.runs.checkpoints import restore_input_format
 
 log = logging.getLogger(__name__)
 
@@ -29,17 +29,17 @@ LAKE_RUNS = "lake_runs"
 LAKE_PUBLISHED = {"people": 4.5, "Bayesian Program Learning": 3.3, "Siamese convnet (Koch et al.)": 8.0, "deep convnet (Lake et al.)": 13.5}
 
 
-def read_named_episodes(cfg: DictConfig) -> list[Episode]:
-    """The episodes `cfg.episodes` names: Lake's runs under the data folder (fetched if allowed) or those of a file."""
+def read_named_episodes(cfg: DictConfig, modality: str = "images") -> list[Episode]:
+    """The episodes `cfg.episodes` names: Lake's runs under the data folder (fetched if allowed) or those of a file (of images or utterances)."""
     if cfg.episodes == LAKE_RUNS:
         omniglot = Path(cfg.paths.data_dir) / "omniglot"
         return load_lake_runs(omniglot, cfg.lake_runs.download, cfg.lake_runs.url, cfg.lake_runs.md5)
-    return read_episodes(cfg.episodes)
+    return read_episodes(cfg.episodes, modality)
 
 
-def episode_batches(episodes: list[Episode], image_format: ImageFormat) -> list[dict[str, Tensor]]:
-    """Every episode as a normalized batch of one task, all read before any is scored (a bad image stops the run first)."""
-    return [episode.batch(image_format) for episode in episodes]
+def episode_batches(episodes: list[Episode], input_format: InputFormat) -> list[dict[str, Tensor]]:
+    """Every episode as a batch of one task (images normalized, utterances tokenized), all read before any is scored (a bad image stops the run first)."""
+    return [episode.batch(input_format) for episode in episodes]
 
 
 def score_episodes(algorithm: EpisodicModule, trainer: pl.Trainer, batches: list[dict[str, Tensor]]) -> tuple[dict[str, Any], list[Tensor]]:
@@ -52,8 +52,9 @@ def score_episodes(algorithm: EpisodicModule, trainer: pl.Trainer, batches: list
 
 def evaluate_episodes(cfg: DictConfig, objects: dict[str, Any], checkpoint: dict[str, Any], path: Path) -> tuple[dict[str, Any], str]:
     """Score the checkpoint (weights loaded) on cfg.episodes; the results and the kind of their file (lake_runs, or the episodes file's stem)."""
-    episodes = read_named_episodes(cfg)
-    batches = episode_batches(episodes, restore_image_format(objects["datamodule"], checkpoint, path))
+    datamodule = objects["datamodule"]
+    episodes = read_named_episodes(cfg, datamodule.modality)
+    batches = episode_batches(episodes, restore_input_format(datamodule, checkpoint, path))
     results, logits = score_episodes(objects["algorithm"], objects["trainer"], batches)
     accs = [float((lg.argmax(-1) == b["query_y"][0].to(lg.device)).double().mean()) for lg, b in zip(logits, batches)]
     results |= {"checkpoint": str(path), "global_step": checkpoint.get("global_step"), "episodes": str(cfg.episodes)}

@@ -4,11 +4,15 @@
     learner.adapt(support_images, support_labels)                # paths, PIL images or tensors; any hashable labels
     probs = learner.predict(query_images)                        # [n_queries, n_classes], columns in learner.classes order
 
+A text run (data=banking77, data=text, ...) takes lists of strings the same way:
+`learner.adapt(["card got declined", "where is my card"], ["declined", "delivery"]).predict(["my card was refused"])`.
+
 A regression run (data=sinusoid, ...) takes tensors: `learner.adapt(x, y)` with x [K, input_dim] (or [K])
 and y [K, output_dim] (or [K]), then `learner.predict(x_new)` gives the adapted predictions [n, output_dim].
 
-Images are read exactly as the run read its own (data/preprocess.py: size, channels, Omniglot's inversion,
-and the mean/std its checkpoint saved). Scoring goes through the algorithm's own `evaluate_tasks`, as
+Inputs go through the run's input format, restored from its checkpoint: images are read exactly as the run read
+its own (data/preprocess.py: size, channels, Omniglot's inversion, and the mean/std its checkpoint saved), texts
+are tokenized by its tokenizer and cut at its data.max_tokens (text/datamodule.py TextFormat). Scoring goes through the algorithm's own `evaluate_tasks`, as
 eval.py's does: an inner-loop learner fine-tunes a copy of its meta-parameters with its evaluation loop, a
 ProtoNet builds prototypes, and the logits are those eval.py gets for the same episode. The meta-parameters
 never change.
@@ -24,18 +28,22 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from metalight.algorithms.base import EpisodicModule
-from metalight.runs.checkpoints import load_checkpoint, load_weights, resolve_checkpoint, restore_image_format, saved_run_config
+from metalight.runs.checkpoints import load_checkpoint, load_weights, resolve_checkpoint, restore_input_format, saved_run_config
 from metalight.data.episode_files import task_batch
-from metalight.data.preprocess import ImageFormat, ImageInput
+from metalight.data.preprocess import ImageInput, InputFormat
 from metalight.errors import ConfigError
 from metalight.runs.training import build_data_and_algorithm
 
 
-class FewShotLearner:
-    """A trained meta-learner and its run's image format, as a classifier of classes given by a support set (module docstring)."""
+Input = ImageInput | str  # an image (file, PIL image, tensor) or, for a text run, an utterance
 
-    def __init__(self, algorithm: EpisodicModule, image_format: ImageFormat | None, checkpoint: Path, config: DictConfig) -> None:
-        self.algorithm, self.image_format, self.checkpoint, self.config = algorithm, image_format, checkpoint, config
+
+class FewShotLearner:
+    """A trained meta-learner and its run's input format, as a classifier of classes given by a support set (module docstring)."""
+
+    def __init__(self, algorithm: EpisodicModule, input_format: InputFormat | None, checkpoint: Path, config: DictConfig, modality: str = "images") -> None:
+        self.algorithm, self.input_format, self.checkpoint, self.config = algorithm, input_format, checkpoint, config
+        self.modality = modality  # what the run's data fed its model: images or text (regression runs: their own tensors)
         self.classes: list[Hashable] = []
         self._support: tuple[Tensor, Tensor] | None = None
 
@@ -47,12 +55,13 @@ class FewShotLearner:
         config = saved_run_config(path)
         datamodule, algorithm = build_data_and_algorithm(config)
         load_weights(algorithm, checkpoint, path)
-        image_format = restore_image_format(datamodule, checkpoint, path) if algorithm.task_kind.name == "classification" else None
-        return cls(algorithm.to(device).eval(), image_format, path, config)
+        classifies = algorithm.task_kind.name == "classification"
+        input_format = restore_input_format(datamodule, checkpoint, path) if classifies else None
+        return cls(algorithm.to(device).eval(), input_format, path, config, getattr(datamodule, "modality", "tensors"))
 
     @property
     def regresses(self) -> bool:
-        """Whether the run learned regression tasks (tensors in, predictions out) rather than classes of images."""
+        """Whether the run learned regression tasks (tensors in, predictions out) rather than classes of images or texts."""
         return self.algorithm.task_kind.name == "regression"
 
     @property
@@ -65,8 +74,8 @@ class FewShotLearner:
         head = getattr(self.algorithm.model, "head", None)
         return head.out_features if isinstance(head, nn.Linear) else None
 
-    def adapt(self, images: Sequence[ImageInput] | Tensor, labels: Sequence[Hashable] | Tensor) -> FewShotLearner:
-        """Take the support set: images and their labels (class names or numbers), classes in order of first appearance.
+    def adapt(self, inputs: Sequence[Input] | Tensor, labels: Sequence[Hashable] | Tensor) -> FewShotLearner:
+        """Take the support set: images (a text run: utterances) and their labels (class names or numbers), classes in order of first appearance.
 
         For a regression run: inputs x [K, input_dim] and targets y [K, output_dim] (1-D tensors are one column).
 
@@ -74,10 +83,12 @@ class FewShotLearner:
         BatchNorm's statistics are transductive unless algo.transductive=false). ConfigError when a
         learner with a fixed number of outputs gets another number of classes.
         """
-        if len(images) != len(labels) or not len(images):
-            raise ConfigError(f"adapt() got {len(images)} images and {len(labels)} labels: give one label per image, at least one image.")
+        what = "utterances" if self.modality == "text" else "images"
+        if isinstance(inputs, str) or len(inputs) != len(labels) or not len(inputs):
+            got = "one string" if isinstance(inputs, str) else f"{len(inputs)} {what}"
+            raise ConfigError(f"adapt() got {got} and {len(labels)} labels: give a list of {what} and one label each, at least one.")
         if self.regresses:
-            self._support = (self._column_tensor(images, "data.input_dim", "x"), self._column_tensor(labels, "data.output_dim", "y"))
+            self._support = (self._column_tensor(inputs, "data.input_dim", "x"), self._column_tensor(labels, "data.output_dim", "y"))
             return self
         classes = list(dict.fromkeys(labels))
         ways = self.fixed_ways()
@@ -88,7 +99,7 @@ class FewShotLearner:
             )
         index = {label: c for c, label in enumerate(classes)}
         self.classes = classes
-        self._support = (self.image_format(images), torch.tensor([index[label] for label in labels]))
+        self._support = (self.input_format(inputs), torch.tensor([index[label] for label in labels]))
         return self
 
     def _column_tensor(self, values: Tensor | Sequence[float], key: str, name: str) -> Tensor:
@@ -100,7 +111,7 @@ class FewShotLearner:
             raise ConfigError(f"{name} has shape {list(tensor.shape)} but this run's tasks have {key}={width}: give [n, {width}] (or [n] for 1).")
         return tensor
 
-    def logits(self, images: Sequence[ImageInput], task_id: int = 0) -> Tensor:
+    def logits(self, inputs: Sequence[Input], task_id: int = 0) -> Tensor:
         """Query logits [n, n_classes] after adapting to the support set, from the algorithm's evaluate_tasks.
 
         task_id seeds what evaluation draws per task (Reptile's support minibatches); eval.py numbers its
@@ -108,28 +119,29 @@ class FewShotLearner:
         """
         if self._support is None:
             raise ConfigError("predict() needs a support set first: call adapt(support_images, support_labels).")
-        if not len(images):
-            raise ConfigError("predict() got no query images: give at least one.")
+        if isinstance(inputs, str) or not len(inputs):
+            what = "utterances" if self.modality == "text" else "images"
+            raise ConfigError(f"predict() got {'one string' if isinstance(inputs, str) else 'no query ' + what}: give a list of {what}, at least one.")
         support_x, support_y = self._support
         if self.regresses:
-            query_x = self._column_tensor(images, "data.input_dim", "x")
+            query_x = self._column_tensor(inputs, "data.input_dim", "x")
             batch = {"support_x": support_x[None], "support_y": support_y[None], "query_x": query_x[None], "query_y": query_x.new_zeros(1, len(query_x), support_y.shape[1])}
         else:
-            query_x = self.image_format(images)
+            query_x = self.input_format(inputs)
             batch = task_batch(support_x, support_y, query_x, torch.zeros(len(query_x), dtype=torch.long))
         device = self.algorithm.device
         outcome = self.algorithm.evaluate_tasks({k: v.to(device) for k, v in batch.items()}, "test", [task_id], keep_logits=True)
         return outcome.logits[0, -1].cpu()
 
-    def predict(self, images: Sequence[ImageInput] | Tensor) -> Tensor:
-        """Class probabilities [n, n_classes] of query images (softmax of logits()), columns in `classes` order; a regression run's predictions [n, output_dim]."""
-        outputs = self.logits(images)
+    def predict(self, inputs: Sequence[Input] | Tensor) -> Tensor:
+        """Class probabilities [n, n_classes] of query images or utterances (softmax of logits()), columns in `classes` order; a regression run's predictions [n, output_dim]."""
+        outputs = self.logits(inputs)
         return outputs if self.regresses else outputs.softmax(dim=-1)
 
-    def embed(self, images: Sequence[ImageInput]) -> Tensor:
-        """Embeddings [n, D] of images by the meta-trained body (model.features), for a model with a separable head."""
+    def embed(self, inputs: Sequence[Input]) -> Tensor:
+        """Embeddings [n, D] of images or utterances by the meta-trained body (model.features), for a model with a separable head."""
         features = getattr(self.algorithm.model, "features", None)
         if not isinstance(features, nn.Module):
             raise ConfigError(f"embed() needs a model with a separable body (`features`); this run's {type(self.algorithm.model).__name__} has none.")
         with torch.no_grad():
-            return features(self.image_format(images).to(self.algorithm.device)).cpu()
+            return features(self.input_format(inputs).to(self.algorithm.device)).cpu()

@@ -1,4 +1,9 @@
-"""`predict.py`: a trained run adapted to a support folder (one subfolder per class) classifies query images into a CSV."""
+"""`predict.py`: a trained run adapted to a support set classifies queries into a CSV.
+
+An image run's support set is a folder (one subfolder of images per class), its queries image files; a text run's
+support set is a CSV (or JSONL) file of utterances and their labels (columns.text_column / columns.label_column), its
+queries a text file (one utterance a line) or a CSV's text column.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import csv
 import glob
 import io
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -14,6 +20,7 @@ from metalight.runs.checkpoint_io import write_text_atomically
 from metalight.data.images import IMAGE_SUFFIXES
 from metalight.errors import ConfigError, DataError
 from metalight.apply.learner import FewShotLearner
+from metalight.text import readers
 
 log = logging.getLogger(__name__)
 SUFFIXES = "/".join(IMAGE_SUFFIXES)
@@ -59,11 +66,43 @@ def query_images(query: str) -> list[Path]:
     return files
 
 
-def predictions_csv(queries: list[Path], classes: list[str], probabilities: list[list[float]]) -> str:
-    """One row per query: its path, the predicted class, and the probability of every class (columns prob_<class>)."""
+def support_utterances(path: Path, text_column: str, label_column: str) -> tuple[list[str], list[str]]:
+    """The utterances of a support .csv / .jsonl file and their labels, classes sorted by name; DataError naming the file and the fix."""
+    if not path.is_file() or path.suffix.lower() not in readers.TEXT_SUFFIXES:
+        raise DataError(f"support={path} is not a .csv or .jsonl file: give a file with a {text_column!r} and a {label_column!r} column (columns.*).")
+    read = readers.read_jsonl if path.suffix.lower() == ".jsonl" else readers.read_csv
+    classes = read(path, text_column, label_column, keys="columns")
+    return [text for texts in classes.values() for text in texts], [label for label, texts in classes.items() for _ in texts]
+
+
+def query_utterances(query: str, text_column: str) -> list[str]:
+    """The utterances of a query file: a .csv's text column, else one utterance a line (blank lines skipped); DataError when there are none."""
+    path = Path(query).expanduser()
+    if not path.is_file():
+        raise DataError(f"query={query} is not a file: give a text file (one utterance a line) or a CSV with a {text_column!r} column.")
+    if not path.read_bytes().strip():
+        raise DataError(f"query={path} is empty: write one utterance a line (or a CSV with a {text_column!r} column).")
+    content = readers.decoded(path)  # DataError naming the line of bytes that are not UTF-8
+    if path.suffix.lower() != ".csv":
+        return [line.strip() for line in content.splitlines() if line.strip()]
+    reader = csv.DictReader(io.StringIO(content, newline=""))
+    if text_column not in (reader.fieldnames or []):
+        found = ", ".join(repr(c) for c in reader.fieldnames or []) or "none"
+        raise DataError(f"{path}: no {text_column!r} column in the header (the columns found: {found}): set columns.text_column to the column that holds it.")
+    texts = [str(row[text_column] or "").strip() for row in reader]
+    empty = next((line for line, text in enumerate(texts, start=2) if not text), None)
+    if empty is not None:
+        raise DataError(f"{path}:{empty}: the {text_column!r} column is empty: give the row its utterance or remove it.")
+    if not texts:
+        raise DataError(f"{path} has a header but no rows: add one utterance a row.")
+    return texts
+
+
+def predictions_csv(queries: Sequence[Path | str], classes: list[str], probabilities: list[list[float]], first: str = "path") -> str:
+    """One row per query: its path (or utterance: first="text"), the predicted class, and the probability of every class (columns prob_<class>)."""
     text = io.StringIO()
     writer = csv.writer(text)
-    writer.writerow(["path", "predicted", *(f"prob_{c}" for c in classes)])
+    writer.writerow([first, "predicted", *(f"prob_{c}" for c in classes)])
     for path, row in zip(queries, probabilities):
         writer.writerow([str(path), classes[max(range(len(row)), key=row.__getitem__)], *(f"{p:.6f}" for p in row)])
     return text.getvalue()
@@ -74,20 +113,26 @@ def predict(cfg: DictConfig) -> Path:
     learner = FewShotLearner.load(cfg.ckpt_path, cfg.device, runs_dir=Path(cfg.paths.log_dir) / "train" / "runs")
     if learner.regresses:
         raise ConfigError(
-            f"predict.py classifies images, but {learner.checkpoint} learned regression tasks: in Python, "
+            f"predict.py classifies images or texts, but {learner.checkpoint} learned regression tasks: in Python, "
             "FewShotLearner.load(<run>).adapt(x, y).predict(x_new) takes tensors (README, Regression)."
         )
-    images, labels = support_set(Path(cfg.support).expanduser())
-    queries = query_images(str(cfg.query))
-    probabilities = learner.adapt(images, labels).predict(queries).tolist()
+    text = learner.modality == "text"
+    if text:
+        inputs, labels = support_utterances(Path(cfg.support).expanduser(), cfg.columns.text_column, cfg.columns.label_column)
+        queries: list = query_utterances(str(cfg.query), cfg.columns.text_column)
+    else:
+        inputs, labels = support_set(Path(cfg.support).expanduser())
+        queries = query_images(str(cfg.query))
+    probabilities = learner.adapt(inputs, labels).predict(queries).tolist()
     classes = [str(c) for c in learner.classes]
-    width = max(len(str(q)) for q in queries)
+    width = min(max(len(str(q)) for q in queries), 60)
     print(f"{'query':<{width}}  {'predicted':<20} probability")
     for path, row in zip(queries, probabilities):
         best = max(range(len(row)), key=row.__getitem__)
-        print(f"{str(path):<{width}}  {classes[best]:<20} {row[best]:.3f}")
+        shown = str(path) if len(str(path)) <= width else str(path)[: width - 3] + "..."
+        print(f"{shown:<{width}}  {classes[best]:<20} {row[best]:.3f}")
     output = Path(cfg.output).expanduser()
     output.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(output, predictions_csv(queries, classes, probabilities))
+    write_text_atomically(output, predictions_csv(queries, classes, probabilities, "text" if text else "path"))
     log.info("%d queries, %d classes (%s learner, %s); predictions saved to %s", len(queries), len(classes), learner.name, learner.checkpoint, output)
     return output

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from metalight.data.episodes import EpisodeDataset
 from metalight.data.flat import TRAIN_MODES, LabelledImages
 from metalight.data.images import SplitImages
-from metalight.data.preprocess import Augment
+from metalight.data.preprocess import Augment, InputFormat
 from metalight.errors import ConfigError, DataError
 from metalight.tasks.datamodule import TaskDataModule, check_whole_number
 
@@ -107,6 +107,11 @@ class ClassTaskDataModule(TaskDataModule):
         self.small_classes, self.train_mode, self.batch_size, self.train_on_val = small_classes, train_mode, batch_size, train_on_val
         self.images_per_class = self.max_images_per_class = 0
         self.train_classes = self.val_classes = self.test_classes = 0
+
+    def input_format(self) -> InputFormat:
+        """How this data's inputs reach the model (images: size, channels, mean/std; text: tokenizer, max_tokens): what a
+        trained learner applies to its own. Subclasses say."""
+        raise NotImplementedError
 
     def prepare_data(self) -> None:
         """Build the caches and check the tasks fit: setup() on one process per node."""

@@ -208,7 +208,7 @@ class FewShotDataModule(ClassTaskDataModule):
         """uint8 images [..., C, H, W] -> float32 (x / 255 - mean) / std per channel, on their device."""
         return normalize(images, self.mean, self.std)
 
-    def image_format(self) -> ImageFormat:
+    def input_format(self) -> ImageFormat:
         """How this data set's images reach the model (size, channels, inversion, mean/std): what a trained learner applies to new images."""
         if self.mean is None or self.std is None:
             raise RuntimeError("data.mean/std are computed in setup(), or restored by load_state_dict(): call one first")

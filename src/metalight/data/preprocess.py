@@ -13,7 +13,7 @@ import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Any, Protocol, Union
 
 import numpy as np
 import torch
@@ -28,6 +28,13 @@ from metalight.errors import ConfigError, DataError
 # a file (path or zip member), a PIL image, or a tensor as torchvision reads one: uint8 0..255 or float 0..1,
 # [C, H, W] or [H, W], before any resizing, inversion or normalization
 ImageInput = Union[str, Path, ImageRef, Image.Image, Tensor]
+
+
+class InputFormat(Protocol):
+    """What turns a learner's own inputs (image files, utterances) into the tensor its model reads: ImageFormat, or text's TextFormat."""
+
+    def __call__(self, inputs: Sequence[Any]) -> Tensor:
+        """The inputs as one batch [n, ...] for the model."""
 
 
 AUGMENT_CODE = 4  # beside episodes.SPLIT_CODES (0-2) and flat.FLAT_CODE (3): the augmentation's own generators

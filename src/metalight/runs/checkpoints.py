@@ -1,4 +1,4 @@
-"""A run on disk: finding and opening its checkpoints, its saved config, weights and image format, with errors that name the file."""
+"""A run on disk: finding and opening its checkpoints, its saved config, weights and input format, with errors that name the file."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from metalight.errors import CheckpointError
 
 if TYPE_CHECKING:  # types only: a run on disk is read before any algorithm or data module is built
     from metalight.algorithms.base import EpisodicModule
-    from metalight.data.datamodule import FewShotDataModule
-    from metalight.data.preprocess import ImageFormat
+    from metalight.data.class_tasks import ClassTaskDataModule
+    from metalight.data.preprocess import InputFormat
 
 REQUIRED_KEYS = ("state_dict", "hyper_parameters")
 
@@ -120,12 +120,13 @@ def load_weights(algorithm: EpisodicModule, checkpoint: dict[str, Any], path: Pa
     algorithm.on_load_checkpoint(checkpoint)  # e.g. Reptile's persistent inner Adam state, which evaluation starts from
 
 
-def restore_image_format(datamodule: FewShotDataModule, checkpoint: dict[str, Any], path: Path) -> ImageFormat:
-    """The run's image format, with the mean/std its checkpoint saved (else the configured ones), never recomputed."""
+def restore_input_format(datamodule: ClassTaskDataModule, checkpoint: dict[str, Any], path: Path) -> InputFormat:
+    """How the run's inputs reach its model: its image format with the mean/std its checkpoint saved (else the configured
+    ones, never recomputed), or its text format (tokenizer, max_tokens; a checkpoint of another tokenizer is refused)."""
     datamodule.load_state_dict(checkpoint.get(type(datamodule).__qualname__, {}))
-    if datamodule.mean is None:
+    if datamodule.modality == "images" and datamodule.mean is None:
         raise CheckpointError(
             f"checkpoint {path} holds no data mean/std (it predates their saving) and its run computed them "
             "(data.mean=null): give the values its training log printed, data.mean=[...] data.std=[...]."
         )
-    return datamodule.image_format()
+    return datamodule.input_format()

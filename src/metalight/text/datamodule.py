@@ -10,8 +10,10 @@ Tasks are drawn exactly as image tasks (EpisodeDataset, the same samplers): trai
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -116,6 +118,7 @@ class TextDataModule(ClassTaskDataModule):
         self.tokens = TextTokenizer(tokenizer, max_tokens)
         self.max_tokens, self.tokenizer = max_tokens, tokenizer
         self._names: dict[str, list[str]] = {}
+        self._splits: dict[str, SplitImages] = {}
 
     # ----- reading and tokenizing
     def _intent_set(self, name: str) -> TokenizedSet:
@@ -190,6 +193,7 @@ class TextDataModule(ClassTaskDataModule):
                 )
         splits = self._checked_splits(loaded)
         self._names = {part: list(splits[part].classes) for part in PARTS}
+        self._splits = splits
         self._datasets = self._task_datasets(splits)
 
     # ----- what the learners and the predict API use
@@ -199,13 +203,26 @@ class TextDataModule(ClassTaskDataModule):
             raise RuntimeError("call setup() before label_names()")
         return list(self._names[split])
 
+    def input_format(self) -> TextFormat:
+        """How this data's utterances reach the model (tokenizer, max_tokens): what a trained learner applies to new text."""
+        return TextFormat(self.tokenizer, self.max_tokens)
+
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         """New utterances as the data's token ids: LongTensor [n, L], cut at data.max_tokens, L the longest of them."""
-        empty = [i for i, text in enumerate(texts) if not str(text).strip()]
-        if empty:
-            raise DataError(f"utterance {empty[0]} of the {len(texts)} given is empty: give every utterance some text.")
-        ids, _ = self.tokens.encode([str(text).strip() for text in texts])
-        return trimmed(torch.from_numpy(ids).long())
+        return self.input_format()(texts)
+
+    def task_class_names(self, part: str, index: int) -> list[str]:
+        """The class names of fixed task `index` of the val or test split (task label c is the c-th), after setup()."""
+        classes, _ = self._datasets[part].choose(0, index)  # fixed tasks are keys (0, index): tasks/samplers.EvalTaskSampler
+        names = self.label_names(part)
+        return [names[c] for c in classes]
+
+    def utterances(self, part: str, per_class: int) -> tuple[torch.Tensor, list[int]]:
+        """Token ids [n, L] of the first `per_class` utterances of every class of a split (after setup()) and each one's class number."""
+        data = self._splits[part]
+        rows = [row for c in range(len(data.classes)) for row in range(int(data.starts[c]), int(data.starts[c]) + min(per_class, int(data.counts[c])))]
+        labels = [c for c in range(len(data.classes)) for _ in range(min(per_class, int(data.counts[c])))]
+        return trimmed(torch.from_numpy(data.images[rows]).long()), labels
 
     def state_dict(self) -> dict:
         """Saved in every checkpoint: how the run tokenized (a learner applied later must tokenize the same way)."""
@@ -227,6 +244,39 @@ class TextDataModule(ClassTaskDataModule):
             for key in keys:
                 batch[key] = batch[key][..., : max(length, 1)].long()
         return batch
+
+
+@dataclass(frozen=True)
+class TextFormat:
+    """A run's text settings (data.tokenizer, null: WordLlama's; data.max_tokens): utterances -> the token ids its model reads.
+
+    The data module tokenizes its own utterances with the same TextTokenizer into its cache, so a string gives the
+    same ids both ways (up to the padding columns, which every text model masks out).
+    """
+
+    tokenizer: str | None
+    max_tokens: int
+
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        """LongTensor [n, L] of `texts` (stripped, cut at max_tokens), L the longest of them; DataError for an empty one."""
+        if isinstance(texts, str):
+            raise ConfigError(f"got one string ({texts[:40]!r}), not a list of utterances: give a list, e.g. [{texts[:20]!r}].")
+        empty = [i for i, text in enumerate(texts) if not str(text).strip()]
+        if empty:
+            raise DataError(f"utterance {empty[0]} of the {len(texts)} given is empty: give every utterance some text.")
+        ids, _ = _text_tokenizer(self.tokenizer, self.max_tokens).encode([str(text).strip() for text in texts])
+        return trimmed(torch.from_numpy(ids).long())
+
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        """Token id rows [n, L] back to text (padding dropped): for tables of utterances the model read."""
+        tokenizer = _text_tokenizer(self.tokenizer, self.max_tokens).tokenizer
+        return [tokenizer.decode([int(i) for i in row if int(i) != PAD_ID]) for row in ids.tolist()]
+
+
+@functools.lru_cache(maxsize=4)
+def _text_tokenizer(path: str | None, max_tokens: int) -> TextTokenizer:
+    """One loaded tokenizer per (file, max_tokens) for the whole process: a learner's every call reuses it."""
+    return TextTokenizer(path, max_tokens)
 
 
 def _used_length(ids: torch.Tensor) -> torch.Tensor:

@@ -47,13 +47,13 @@ def _grouped(rows: list[tuple[str, str]]) -> dict[str, list[str]]:
     return {label: classes[label] for label in sorted(classes)}
 
 
-def _row(path: Path, where: int, record: dict, text_column: str, label_column: str) -> tuple[str, str]:
-    """(text, label) of one record, or DataError naming the missing column and the columns found."""
+def _row(path: Path, where: int, record: dict, text_column: str, label_column: str, keys: str = "data.source") -> tuple[str, str]:
+    """(text, label) of one record, or DataError naming the missing column, the columns found and the key (under `keys`) that names it."""
     for key, column in (("text_column", text_column), ("label_column", label_column)):
         if column not in record:
             found = ", ".join(repr(c) for c in record) or "none"
             raise DataError(
-                f"{path}:{where}: no {column!r} column (the columns found: {found}): set data.source.{key} to the "
+                f"{path}:{where}: no {column!r} column (the columns found: {found}): set {keys}.{key} to the "
                 "column that holds it."
             )
     text, label = record[text_column], record[label_column]
@@ -64,8 +64,8 @@ def _row(path: Path, where: int, record: dict, text_column: str, label_column: s
     return str(text).strip(), str(label).strip()
 
 
-def read_jsonl(path: Path, text_column: str = "text", label_column: str = "label") -> dict[str, list[str]]:
-    """Utterances by label from a JSON Lines file: one object a line with a text and a label field (blank lines skipped)."""
+def read_jsonl(path: Path, text_column: str = "text", label_column: str = "label", keys: str = "data.source") -> dict[str, list[str]]:
+    """Utterances by label from a JSON Lines file: one object a line with a text and a label field (blank lines skipped); `keys` names the column settings in messages."""
     rows = []
     for number, line in enumerate(decoded(path).splitlines(), start=1):
         if not line.strip():
@@ -76,22 +76,22 @@ def read_jsonl(path: Path, text_column: str = "text", label_column: str = "label
             raise DataError(f"{path}:{number}: not a JSON object ({exc.msg}): write one JSON object a line.") from exc
         if not isinstance(record, dict):
             raise DataError(f"{path}:{number}: not a JSON object but {type(record).__name__}: write one JSON object a line.")
-        rows.append(_row(path, number, record, text_column, label_column))
+        rows.append(_row(path, number, record, text_column, label_column, keys))
     return _grouped(rows)
 
 
-def read_csv(path: Path, text_column: str = "text", label_column: str = "label") -> dict[str, list[str]]:
-    """Utterances by label from a CSV file with a header row naming the text and label columns."""
+def read_csv(path: Path, text_column: str = "text", label_column: str = "label", keys: str = "data.source") -> dict[str, list[str]]:
+    """Utterances by label from a CSV file with a header row naming the text and label columns; `keys` names the column settings in messages."""
     reader = csv.DictReader(io.StringIO(decoded(path), newline=""))
     columns = reader.fieldnames or []
     for key, column in (("text_column", text_column), ("label_column", label_column)):
         if column not in columns:
             found = ", ".join(repr(c) for c in columns) or "none"
             raise DataError(
-                f"{path}: no {column!r} column in the header (the columns found: {found}): set data.source.{key} to the "
+                f"{path}: no {column!r} column in the header (the columns found: {found}): set {keys}.{key} to the "
                 "column that holds it."
             )
-    rows = [_row(path, reader.line_num, record, text_column, label_column) for record in reader]
+    rows = [_row(path, reader.line_num, record, text_column, label_column, keys) for record in reader]
     if not rows:
         raise DataError(f"{path} has a header but no rows: add one utterance a row.")
     return _grouped(rows)
