@@ -288,3 +288,17 @@ def test_bad_split_number_is_one_line(tmp_path: Path, train_py_in_process) -> No
     status, output = train_py_in_process(tmp_path, tmp_path / "logs", "data=banking77", "data.split=6", "algo=protonet", "debug=fast_dev_run")
     assert status == 2 and "data.split=6 is not a split of banking77: use one of 1, 2, 3, 4, 5" in output and "Traceback" not in output
     assert not list(tmp_path.glob("logs/*/runs/*"))
+
+
+@pytest.mark.parametrize("data", [*readers.INTENT_SETS, "text"])
+def test_text_configs_compose(compose_generated, tmp_path: Path, data: str) -> None:
+    from hydra.utils import instantiate
+
+    from metalight.runs.config import validate_config
+
+    cfg = compose_generated(f"data={data}", "algo=protonet", *([f"data.root={tmp_path}"] if data == "text" else []))
+    validate_config(cfg)
+    dm = instantiate(cfg.data)
+    assert isinstance(dm, TextDataModule) and dm.dataset == data and dm.modality == "text"
+    assert cfg.model._target_ == "metalight.text.encoders.TextBag" and cfg.monitor.metric == "acc"
+    assert (dm.n_way, dm.k_shot, dm.k_query, dm.n_test_tasks, dm.max_tokens) == (5, 1, 5, 600, 64), "Dopierre et al.'s protocol"
