@@ -2,7 +2,9 @@
 
 Run as a script (`python tests/test_algo_ddp.py OUT_DIR`) it trains each algorithm with
 Trainer(strategy="ddp", devices=2) and saves each rank's weights and validation metrics; the test
-launches it, repeats the runs in one process on the union of the tasks, and compares.
+launches it, repeats the runs in one process on the union of the tasks, and compares. The text learner
+(maml_text: MAML on model=text_bag over the frozen pretrained token table) draws its tasks from a
+TextDataModule on a tiny CSV the test writes into OUT_DIR, each rank its share of every meta-step.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from algo_tasks import TrainStream, launch_two_processes, make_batch, tiny_conv4, train_validate_save
+from algo_tasks import TrainStream, fit_validate_save, launch_two_processes, make_batch, tiny_conv4, train_validate_save
 from reptile_reference import reference_reptile
+from trained_runs import write_utterances
 
 from metalight.algorithms import ANIL, MAML, MAMLpp, MetaSGD, ProtoNet, Reptile
 from metalight.algorithms.functional import minibatch_indices
@@ -30,6 +33,18 @@ ALGORITHMS = ("maml_loop", "maml_vmap", "reptile_fresh", "anil_loop", "metasgd_l
 # so two processes are compared with reference_reptile(shares=2), not with one process
 PER_RANK_RULE = ("reptile_persistent",)
 ALGORITHMS += ("matchingnet_loop", "relationnet_loop")  # the metric-based learners of #24 (Matching Networks with FCE)
+ALGORITHMS += ("maml_text",)  # text tasks (#31): token ids from a TextDataModule, the token table frozen and never adapted
+UTTERANCES = "utterances.csv"  # the text learner's data, written into OUT_DIR by the test
+
+
+def text_data(out_dir: Path):
+    """2-way 1-shot 2-query tasks of the tiny CSV (4 training classes), META_BATCH per meta-step, 5 validation tasks."""
+    from metalight.text.datamodule import TextDataModule
+
+    return TextDataModule(
+        "text", str(out_dir / UTTERANCES), "ratios", n_way=2, k_shot=1, k_query=2, meta_batch_size=META_BATCH, eval_batch_size=2,
+        batches_per_epoch=STEPS, n_val_tasks=5, source={"ratios": [0.5, 0.25, 0.25], "split_seed": 0}, cache_dir=str(out_dir / "cache"),
+    )
 
 
 def build(name: str):
@@ -43,6 +58,11 @@ def build(name: str):
         torch.manual_seed(0)  # 8x8 images, one pool: 4x4 maps
         spatial = Conv4Relation(1, 3, hidden=4, image_size=8, padding=[1, 1, 1, 1], pool=[True, False, False, False]).to(torch.float64)
         return RelationNet(spatial, relation_channels=4, task_parallel=name.partition("_")[2])
+    if name.endswith("_text"):
+        from metalight.text.encoders import TextBag
+
+        torch.manual_seed(0)
+        return MAML(TextBag(2, hidden=[8]).double(), inner_lr=0.3, inner_steps=2, eval_inner_steps=2, task_parallel="loop")
     model = tiny_conv4(seed=0, dtype=torch.float64)
     kind, _, path = name.partition("_")  # loop: per-task gradients + surrogate backward; vmap: the GPU path
     inner = dict(inner_lr=0.3, inner_steps=2, eval_inner_steps=2, task_parallel=path)
@@ -62,12 +82,16 @@ def build(name: str):
 
 def run(name: str, devices: int, out_dir: Path) -> None:
     """Train STEPS meta-steps on META_BATCH tasks each, validate, save this rank's results."""
+    if name.endswith("_text"):
+        fit_validate_save(build(name), text_data(out_dir), STEPS, devices, out_dir / name)
+        return
     train = TrainStream(STEPS, META_BATCH, k_shot=3, dtype=torch.float64)
     train_validate_save(build(name), train, STEPS, devices, str(out_dir / name))
 
 
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
+    write_utterances(tmp_path / UTTERANCES)
     launch_two_processes(__file__, tmp_path)
     for name in ALGORITHMS:
         run(name, 1, tmp_path)
