@@ -36,6 +36,24 @@ def conjugate_gradient(matvec: Callable[[Tensor], Tensor], b: Tensor, iterations
     return x
 
 
+def fisher_vector_product(
+    kl: Tensor, params: list[Tensor], damping: float, average: Callable[[Tensor], Tensor] = lambda tensor: tensor
+) -> Callable[[Tensor], Tensor]:
+    """v -> H v + damping v, H the Hessian of `kl` in the flattened `params` (at the old policy: the Fisher information), averaged over processes.
+
+    Two backward passes per product (Pearlmutter's trick: the gradient of grad(kl) . v), never H itself.
+    """
+    with torch.enable_grad():
+        kl_grad = torch.cat([g.flatten() for g in torch.autograd.grad(kl, params, create_graph=True, allow_unused=True, materialize_grads=True)])
+
+    def product(vector: Tensor) -> Tensor:
+        with torch.enable_grad():
+            hessian_vector = torch.autograd.grad(kl_grad @ vector, params, retain_graph=True, allow_unused=True, materialize_grads=True)
+        return average(torch.cat([g.flatten() for g in hessian_vector])) + damping * vector
+
+    return product
+
+
 @dataclasses.dataclass
 class TrustRegionProblem:
     """What one TRPO step needs besides the gradient: the surrogate's value, the KL (with its graph), re-evaluation, averaging over processes."""
@@ -91,15 +109,9 @@ class TRPO(torch.optim.Optimizer):
         group = self.param_groups[0]
         params = [p for p in group["params"] if p.requires_grad]
         grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
-        with torch.enable_grad():
-            kl_grad = torch.cat([g.flatten() for g in torch.autograd.grad(problem.kl, params, create_graph=True, allow_unused=True, materialize_grads=True)])
-
-            def fisher_vector(vector: Tensor) -> Tensor:
-                product = torch.autograd.grad(kl_grad @ vector, params, retain_graph=True, allow_unused=True, materialize_grads=True)
-                return problem.average(torch.cat([g.flatten() for g in product])) + group["cg_damping"] * vector
-
-            direction = conjugate_gradient(fisher_vector, grad, group["cg_iters"])
-            shs = 0.5 * direction @ fisher_vector(direction)
+        fisher_vector = fisher_vector_product(problem.kl, params, group["cg_damping"], problem.average)
+        direction = conjugate_gradient(fisher_vector, grad, group["cg_iters"])
+        shs = 0.5 * direction @ fisher_vector(direction)
         self.last = {"kl": 0.0, "improvement": 0.0, "step_fraction": 0.0}
         if not (torch.isfinite(shs) and shs > 0 and torch.isfinite(direction).all()):
             return  # a degenerate direction: no step (the learner's non-finite check sees a finite gradient, so say so here)
