@@ -15,6 +15,7 @@ from test_algo_functional import clone_with
 from metalight.algorithms import ANIL, MAML, MAMLpp, MetaSGD, Reptile
 from metalight.algorithms.functional import InnerLoop, inner_weights, make_task_fn, run_tasks, split_state
 from metalight.errors import ConfigError
+from metalight.runs.training import train
 from metalight.text.encoders import TABLE, TextBag, TextCNN
 from metalight.text.pretrained import PAD_ID, load_embeddings
 
@@ -190,3 +191,82 @@ def test_an_image_model_or_learner_on_text_is_refused(compose_train, monkeypatch
     with pytest.raises(ConfigError, match=expected.replace(".", r"\.").replace("(", r"\(").replace(")", r"\)")):
         validate_config(compose_train(*overrides))
     validate_config(compose_train("model=text_bag", "algo=protonet"))
+
+
+WORDS = ["card", "transfer", "weather", "alarm", "music", "recipe", "flight", "taxi"]
+TEXT_LEARNERS = {
+    "protonet": [], "matchingnet": ["algo.fce=true"], "maml": [], "fomaml": [], "anil": [], "metasgd": [],
+    "mamlpp": ["algo.bnrs=false", "algo.bnwb=false", "algo.msl_epochs=1", "algo.da_epochs=0"],
+    "reptile": ["algo.eval_inner_steps=2"], "baseline": ["algo.fit_epochs=2", "data.batch_size=4"],
+    "baselinepp": ["algo.fit_epochs=2", "algo.head=cosine", "data.batch_size=4"],
+}
+
+
+@pytest.fixture(scope="module")
+def intents_file(tmp_path_factory: pytest.TempPathFactory):
+    """A JSONL of 8 intents x 6 utterances, each naming its intent's word."""
+    path = tmp_path_factory.mktemp("text") / "intents.jsonl"
+    rows = [{"text": f"my {word} question {j} {'please ' * (j % 3)}", "label": f"intent_{word}"} for word in WORDS for j in range(6)]
+    path.write_text("".join(__import__("json").dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.mark.parametrize("learner", sorted(TEXT_LEARNERS))
+@pytest.mark.parametrize("model", ["text_bag", "text_cnn"])
+def test_every_classification_learner_runs_text_episodes(compose_train, intents_file, learner, model):
+    """debug=fast_dev_run on data=text (4/2/2 intents): one training step (a flat batch for Baseline), one validation and one test batch."""
+    if model == "text_cnn" and learner not in ("protonet", "maml", "baseline"):
+        pytest.skip("text_cnn: one learner of each kind (metric, inner loop, flat) is enough")
+    algo = "baseline" if learner == "baselinepp" else learner
+    cfg = compose_train(
+        "data=text", f"model={model}", f"algo={algo}", "debug=fast_dev_run", "logger=csv", f"data.root={intents_file}",
+        "data.n_way=2", "data.k_shot=1", "data.k_query=2", "data.meta_batch_size=2", "data.eval_batch_size=2",
+        "data.source.ratios=[0.5,0.25,0.25]", *(["model.hidden=[8]"] if model == "text_bag" else ["model.filters=4"]), *TEXT_LEARNERS[learner],
+    )
+    metrics, objects = train(cfg)
+    assert objects["trainer"].global_step == 1
+    assert 0.0 <= metrics["test/acc"] <= 1.0
+    assert 0.0 <= metrics["test/untrained_centroid_acc"] <= 1.0  # the baseline rides along on the same test batches
+
+
+@pytest.mark.parametrize("distance", ["cos", "euclid"])
+def test_centroid_accuracies_match_a_loop_over_queries(distance):
+    from metalight.text.centroid import centroid_accuracies
+
+    table = torch.randn(50, 6, generator=torch.Generator().manual_seed(0))
+    batch = token_batch(3, n_way=3, k_shot=2, k_query=3, seed=4)
+    batch["support_x"] = batch["support_x"] % 50
+    batch["query_x"] = (batch["query_x"] * 7) % 50  # queries far from their class's tokens: some are wrong
+    expected = []
+    for sx, sy, qx, qy in zip(batch["support_x"], batch["support_y"], batch["query_x"], batch["query_y"]):
+        def embed(ids):
+            real = ids[ids != PAD_ID]
+            return table[real].mean(0) if len(real) else torch.zeros(6)
+        support = torch.stack([embed(ids) for ids in sx])
+        if distance == "cos":
+            support = F.normalize(support, dim=-1)
+        centroids = [support[sy == c].mean(0) for c in range(3)]
+        right = 0
+        for ids, label in zip(qx, qy):
+            q = embed(ids)
+            if distance == "cos":
+                scores = [F.cosine_similarity(q, c, dim=0) for c in centroids]
+            else:
+                scores = [-(q - c).norm() for c in centroids]
+            right += int(torch.stack(scores).argmax()) == int(label)
+        expected.append(right / len(qy))
+    actual = centroid_accuracies(table, batch, distance)
+    assert 0 < min(expected) and max(expected) < 1 or len(set(expected)) > 1  # the case tells right from wrong
+    torch.testing.assert_close(actual, torch.tensor(expected, dtype=torch.float64))
+
+
+def test_untrained_protonet_on_the_mean_is_the_euclidean_centroid_baseline(compose_train, intents_file):
+    """experiment=untrained_centroid (ProtoNets on the mean-pooled table, never trained) and the callback agree on the same test episodes."""
+    cfg = compose_train(
+        "experiment=untrained_centroid", "data=text", "logger=csv", f"data.root={intents_file}", "data.n_way=2", "data.k_shot=1",
+        "data.k_query=2", "data.n_test_tasks=12", "data.eval_batch_size=5", "data.source.ratios=[0.5,0.25,0.25]", "trainer.accelerator=cpu",
+    )
+    metrics, objects = train(cfg)
+    assert objects["trainer"].global_step == 0
+    assert metrics["test/acc"] == pytest.approx(metrics["test/untrained_centroid_euclid_acc"], abs=1e-6)
+    assert objects["algorithm"].test_results["untrained_centroid_acc"] == pytest.approx(metrics["test/untrained_centroid_acc"], abs=1e-6)

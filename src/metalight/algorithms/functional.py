@@ -282,6 +282,11 @@ def _channels_last(tensor: Tensor) -> Tensor:
     return tensor.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
 
 
+def logits_dtype(params: Params) -> torch.dtype:
+    """The floating dtype of a task's outputs: its weights' (the inputs may be integer token ids)."""
+    return next((v.dtype for v in params.values() if v.is_floating_point()), torch.get_default_dtype())
+
+
 def _prefixed(params: Params, prefix: str) -> Params:
     """The entries of `params` under submodule `prefix`, with the prefix removed."""
     cut = len(prefix) + 1
@@ -400,13 +405,14 @@ def make_task_fn(
         weights_out = {**params, **fast} if return_params else {}
         moments = {"m": state["m"], "v": state["v"]} if initial_state is not None and state else {}
         if record == "none":
-            return TaskOutcome(support_x.new_zeros(()), support_x.new_zeros(0), weights_out, support_x.new_zeros(0), statistics, moments)
+            blank = query_y.new_zeros((), dtype=logits_dtype(params))  # support_x may hold token ids (int64)
+            return TaskOutcome(blank, blank.new_zeros(0), weights_out, blank.new_zeros(0), statistics, moments)
         scores.append(kind.score(logits.detach(), query_y))
         kept.append(logits.detach())
         loss = kind.loss(logits, query_y)
         if loss_weights is not None:
             loss = sum(weighted, loss_weights[-1] * loss)
-        return TaskOutcome(loss, torch.stack(scores), weights_out, torch.stack(kept) if keep_logits else support_x.new_zeros(0), statistics, moments)
+        return TaskOutcome(loss, torch.stack(scores), weights_out, torch.stack(kept) if keep_logits else logits.new_zeros(0), statistics, moments)
 
     return run
 

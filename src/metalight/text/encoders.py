@@ -84,18 +84,30 @@ def _mlp(width: int, widths: Sequence[int]) -> tuple[nn.Module, int]:
 
 
 class BagFeatures(nn.Module):
-    """The mean of an utterance's token embeddings over its real tokens (WordLlama's own sentence embedding), then an MLP."""
+    """The mean of an utterance's token embeddings over its real tokens (WordLlama's own sentence embedding), then an MLP.
 
-    def __init__(self, embedding: TokenEmbedding, hidden: Sequence[int]) -> None:
+    normalize: the mean scaled to unit length first (WordLlama's embed(norm=True)): squared Euclidean distances
+    between unit vectors order as cosine similarities, WordLlama's own measure. residual: the MLP's output is
+    added to its input, and its last layer starts at zero, so an untrained network is the pooled embedding itself.
+    """
+
+    def __init__(self, embedding: TokenEmbedding, hidden: Sequence[int], normalize: bool = False, residual: bool = False) -> None:
         super().__init__()
-        self.embedding = embedding
+        self.embedding, self.normalize, self.residual = embedding, normalize, residual
         self.mlp, self.dim = _mlp(embedding.dim, hidden)
+        if residual:
+            if self.dim != embedding.dim or not hidden:
+                raise ConfigError(f"model.residual=true adds the MLP's output to the {embedding.dim}-d mean: its last width (model.hidden={list(hidden)}) must be {embedding.dim}.")
+            nn.init.zeros_(self.mlp[-1].weight)
+            nn.init.zeros_(self.mlp[-1].bias)
 
     def forward(self, ids: Tensor) -> Tensor:
         """Embeddings [n, dim] of token ids [n, L]."""
         tokens, mask = self.embedding(ids)
         mean = tokens.sum(1) / mask.sum(1, keepdim=True).clamp_min(1.0)  # an all-pad row embeds to 0
-        return self.mlp(mean)
+        if self.normalize:
+            mean = F.normalize(mean, dim=-1)
+        return mean + self.mlp(mean) if self.residual else self.mlp(mean)
 
 
 class CNNFeatures(nn.Module):
@@ -163,13 +175,15 @@ class TextBag(TextEncoder):
         self,
         n_way: int,
         hidden: Sequence[int] = (256, 256),
+        normalize: bool = False,
+        residual: bool = False,
         embeddings: str = "pretrained",
         freeze_embeddings: bool | None = None,
         adapt_embeddings: bool = False,
         embedding_dim: int = EMBEDDING_DIM,
     ) -> None:
         table = token_embedding(embeddings, freeze_embeddings, adapt_embeddings, embedding_dim)
-        super().__init__(n_way, BagFeatures(table, list(hidden)), adapt_embeddings)
+        super().__init__(n_way, BagFeatures(table, list(hidden), normalize, residual), adapt_embeddings)
 
 
 class TextCNN(TextEncoder):
