@@ -302,3 +302,30 @@ def test_text_configs_compose(compose_generated, tmp_path: Path, data: str) -> N
     assert isinstance(dm, TextDataModule) and dm.dataset == data and dm.modality == "text"
     assert cfg.model._target_ == "metalight.text.encoders.TextBag" and cfg.monitor.metric == "acc"
     assert (dm.n_way, dm.k_shot, dm.k_query, dm.n_test_tasks, dm.max_tokens) == (5, 1, 5, 600, 64), "Dopierre et al.'s protocol"
+
+
+def _word_tokenizer(path: Path, words: list[str], pad_special: bool) -> Path:
+    """A tokenizers JSON splitting on whitespace and punctuation: id 0 '[PAD]' (special, or an ordinary word), 1 '[UNK]', then `words`."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    tokenizer = Tokenizer(WordLevel({"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = Whitespace()
+    if pad_special:
+        tokenizer.add_special_tokens(["[PAD]", "[UNK]"])
+    tokenizer.save(str(path))
+    return path
+
+
+def test_own_tokenizer(jsonl: Path, tmp_path: Path) -> None:
+    words = ["my", "question", "number", "thanks", ",", *WORDS]
+    own = _word_tokenizer(tmp_path / "words.json", words, pad_special=True)
+    dm = module(jsonl, tmp_path / "cache", tokenizer=str(own))
+    dm.setup()
+    ids = dm.encode(["my card question number 7, thanks", "taxi please"])
+    vocabulary = 2 + len(words)
+    assert ids.tolist() == [[2, 2 + words.index("card"), 3, 4, 1, 6, 5], [2 + words.index("taxi"), 1, 0, 0, 0, 0, 0]]
+    assert int(np.asarray(dm._datasets["val"].images).max()) < vocabulary, "the cache holds the word tokenizer's ids"
+    with pytest.raises(ConfigError, match=r"data.tokenizer=.*plain.json: its id 0 is the ordinary token '\[PAD\]'"):
+        module(jsonl, tmp_path / "cache", tokenizer=str(_word_tokenizer(tmp_path / "plain.json", words, pad_special=False))).setup()
