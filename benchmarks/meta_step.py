@@ -11,6 +11,10 @@ the raw meta-step (`"path": "lightning"`, `lightning_overhead` = extra time per 
 * Inputs are random tensors of the shapes of each case; the network is model=conv4 (64 filters on
   Omniglot, 32 on miniImageNet), or model=resnet12 (64-160-320-640) for a case named *_resnet12 (not
   run unless named in --cases: a meta-step takes minutes on one CPU thread); k_query is 15 as in conf/data/*.yaml.
+  banking77_5w1s_bag is few-shot text (not run unless named in --cases): model=text_bag over WordLlama's frozen
+  pretrained 32,000 x 256 token table (two layers of 256), 5-way 1-shot, 5 queries, meta-batch 4, utterances of
+  random token ids with random lengths up to 16 tokens (BANKING77's median is about 12); every path leaves the
+  frozen table alone (metalight: the model's not_adapted; the references adapt the weights that require grad).
   sinusoid_10shot is Finn et al.'s regression (model=mlp 1-40-40-1, 10 support and 10 query points, meta-batch
   25, alpha 0.01, the MSE loss everywhere: metalight's learners take it through the task interface, the
   references call it where the image cases call cross-entropy); protonet has no regression row.
@@ -68,6 +72,8 @@ from metalight.algorithms.base import OptimizerFactory
 from metalight.algorithms.functional import InnerLoop, make_task_fn, run_tasks, split_state
 from metalight.models import MLP, Conv4, ResNet12
 from metalight.tasks.kinds import CLASSIFICATION, REGRESSION
+from metalight.text.encoders import TextBag
+from metalight.text.pretrained import PAD_ID, VOCAB_SIZE
 
 Batch = dict[str, Tensor]
 
@@ -81,6 +87,8 @@ CASES = {
 }
 # name: (k_shot, k_query, meta_batch, inner steps, hidden width): Finn et al.'s sinusoid tasks on their 1-40-40-1 net
 REGRESSION_CASES = {"sinusoid_10shot": (10, 10, 25, 1, 40)}
+# name: (n_way, k_shot, k_query, meta_batch, inner steps, tokens per utterance at most): text tasks on model=text_bag
+TEXT_CASES = {"banking77_5w1s_bag": (5, 1, 5, 4, 5, 16)}
 RESNET12_SUFFIX = "_resnet12"
 DEFAULT_CASES = [case for case in CASES if not case.endswith(RESNET12_SUFFIX)] + list(REGRESSION_CASES)
 DEFAULT_ALGOS = ("maml", "fomaml", "reptile")
@@ -88,7 +96,7 @@ ALGOS = (*DEFAULT_ALGOS, "anil", "metasgd", "mamlpp", "protonet")
 PATHS = ("vmap", "loop", "reference")
 # inner learning rates of the papers' configs (MAML Omniglot / miniImageNet; Reptile's Adam), for every
 # gradient-based learner: the rows of one case then differ only in the algorithm
-INNER_LR = {"omniglot": 0.4, "miniimagenet": 0.01, "sinusoid": 0.01, "reptile": 1e-3}
+INNER_LR = {"omniglot": 0.4, "miniimagenet": 0.01, "sinusoid": 0.01, "banking77": 0.1, "reptile": 1e-3}
 # the LightningModules of the learners with a gradient inner loop (MAML++'s CA schedule needs a trainer: off)
 LEARNERS = {"maml": MAML, "fomaml": MAML, "anil": ANIL, "metasgd": MetaSGD, "mamlpp": functools.partial(MAMLpp, ca=False)}
 ADAM = functools.partial(torch.optim.Adam, lr=1e-3)  # the outer optimizer of every algorithm but Reptile
@@ -102,7 +110,21 @@ def task_loss_of(case: str) -> Callable[[Tensor, Tensor], Tensor]:
 
 def meta_batch_of(case: str) -> int:
     """Tasks per meta-step of `case`."""
+    if case in TEXT_CASES:
+        return TEXT_CASES[case][3]
     return REGRESSION_CASES[case][2] if case in REGRESSION_CASES else CASES[case][5]
+
+
+def n_way_of(case: str) -> int:
+    """Classes per task of a classification case."""
+    return TEXT_CASES[case][0] if case in TEXT_CASES else CASES[case][2]
+
+
+def token_ids(n_tasks: int, n_utterances: int, length: int, generator: torch.Generator) -> Tensor:
+    """Random utterances [B, n, length]: ids 1..VOCAB_SIZE-1, each of a random length 1..length, padded with PAD_ID at the end."""
+    ids = torch.randint(1, VOCAB_SIZE, (n_tasks, n_utterances, length), generator=generator)
+    lengths = torch.randint(1, length + 1, (n_tasks, n_utterances, 1), generator=generator)
+    return ids.masked_fill(torch.arange(length) >= lengths, PAD_ID)
 
 
 def make_case(name: str, device: torch.device) -> tuple[nn.Module, Batch]:
@@ -114,6 +136,16 @@ def make_case(name: str, device: torch.device) -> tuple[nn.Module, Batch]:
         y = (torch.rand(meta_batch, 1, 1) * 4.9 + 0.1) * torch.sin(x - torch.rand(meta_batch, 1, 1) * torch.pi)
         batch = {"support_x": x[:, :k_shot], "support_y": y[:, :k_shot], "query_x": x[:, k_shot:], "query_y": y[:, k_shot:]}
         return MLP(1, 1, [width, width]).to(device), {k: v.to(device) for k, v in batch.items()}
+    if name in TEXT_CASES:
+        n_way, k_shot, k_query, meta_batch, _, length = TEXT_CASES[name]
+        generator = torch.Generator().manual_seed(0)
+        batch = {
+            "support_x": token_ids(meta_batch, n_way * k_shot, length, generator),
+            "support_y": torch.arange(n_way).repeat_interleave(k_shot).repeat(meta_batch, 1),
+            "query_x": token_ids(meta_batch, n_way * k_query, length, generator),
+            "query_y": torch.arange(n_way).repeat_interleave(k_query).repeat(meta_batch, 1),
+        }
+        return TextBag(n_way).to(device), {k: v.to(device) for k, v in batch.items()}
     channels, size, n_way, k_shot, k_query, meta_batch, _, hidden = CASES[name]
     if name.endswith(RESNET12_SUFFIX):
         model = ResNet12(channels, n_way, image_size=size).to(device)
@@ -130,7 +162,7 @@ def make_case(name: str, device: torch.device) -> tuple[nn.Module, Batch]:
 
 def inner_loop(algo: str, case: str) -> InnerLoop:
     """The training inner loop of `algo` on `case`: SGD of the case's LR (Reptile: Adam with beta1 = 0), whole support set."""
-    steps = REGRESSION_CASES[case][3] if case in REGRESSION_CASES else CASES[case][6]
+    steps = REGRESSION_CASES[case][3] if case in REGRESSION_CASES else TEXT_CASES[case][4] if case in TEXT_CASES else CASES[case][6]
     if algo == "reptile":
         return InnerLoop(steps=steps, lr=INNER_LR["reptile"], optimizer="adam")
     return InnerLoop(steps=steps, lr=INNER_LR[case.split("_")[0]], first_order=algo == "fomaml")
@@ -211,9 +243,11 @@ def set_parameter(module: nn.Module, name: str, value: Tensor) -> None:
 
 
 def inner_sgd(learner: nn.Module, x: Tensor, y: Tensor, loop: InnerLoop, lr: float | dict[str, Tensor], loss: Callable = F.cross_entropy) -> None:
-    """loop.steps SGD steps of a cloned module on (x, y): w - lr * g, lr one number or one tensor per weight (Meta-SGD)."""
+    """loop.steps SGD steps of a cloned module on (x, y): w - lr * g, lr one number or one tensor per weight (Meta-SGD).
+
+    Only the weights that require grad adapt (a frozen token table stays as it is)."""
     for _ in range(loop.steps):
-        names, weights = zip(*learner.named_parameters())
+        names, weights = zip(*((n, w) for n, w in learner.named_parameters() if w.requires_grad))
         grads = torch.autograd.grad(loss(learner(x), y), weights, create_graph=not loop.first_order)
         for name, weight, grad in zip(names, weights, grads):
             set_parameter(learner, name, weight - (lr[name] if isinstance(lr, dict) else lr) * grad)
@@ -250,7 +284,8 @@ def maml_reference(algo: str, case: str, model: nn.Module) -> MetaStep:
 def metasgd_reference(algo: str, case: str, model: nn.Module) -> MetaStep:
     """Meta-SGD: a step size per weight entry, starting at the inner LR, meta-learned with the weights."""
     loop = inner_loop(algo, case)
-    return sgd_reference(model, loop, {name: nn.Parameter(torch.full_like(p, loop.lr)) for name, p in model.named_parameters()}, task_loss_of(case))
+    sizes = {name: nn.Parameter(torch.full_like(p, loop.lr)) for name, p in model.named_parameters() if p.requires_grad}
+    return sgd_reference(model, loop, sizes, task_loss_of(case))
 
 
 def anil_reference(algo: str, case: str, model: nn.Module) -> MetaStep:
@@ -268,7 +303,7 @@ def anil_reference(algo: str, case: str, model: nn.Module) -> MetaStep:
 
 def protonet_reference(algo: str, case: str, model: nn.Module) -> MetaStep:
     """ProtoNets: support and query embedded as one batch, prototypes as class means, logits -squared distances."""
-    n_way = CASES[case][2]
+    n_way = n_way_of(case)
 
     def task_loss(task: Batch) -> Tensor:
         n_support = len(task["support_x"])
@@ -441,7 +476,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=5, help="timed meta-steps per measurement (median)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: fair on a shared machine)")
-    parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, choices=[*CASES, *REGRESSION_CASES], help="default: %(default)s")
+    parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, choices=[*CASES, *REGRESSION_CASES, *TEXT_CASES], help="default: %(default)s")
     parser.add_argument("--algos", nargs="+", default=list(DEFAULT_ALGOS), choices=ALGOS, help="default: %(default)s")
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS, help="reference is always timed")
     parser.add_argument("--no-lightning", action="store_true", help="skip the Lightning overhead measurement")

@@ -84,3 +84,24 @@ def test_the_sinusoid_case_gives_the_reference_mse_meta_gradient(monkeypatch, al
     for k, p in reference.parameters.items():
         assert p.grad.abs().sum() > 0, k
         torch.testing.assert_close(grads[k], p.grad, rtol=1e-9, atol=1e-12, msg=k)
+
+
+@pytest.mark.parametrize("path", ["vmap", "loop"])
+@pytest.mark.parametrize("algo", ["maml", "protonet"])
+def test_the_text_case_gives_the_reference_meta_gradient_and_leaves_the_table_alone(monkeypatch, algo, path):
+    """The text row times the same computation on both sides: model=text_bag over the frozen pretrained table, which neither side adapts."""
+    # (n_way, k_shot, k_query, meta_batch, inner steps, tokens), as meta_step.TEXT_CASES; "banking77" picks its inner LR
+    monkeypatch.setitem(meta_step.TEXT_CASES, "banking77_tiny", (3, 1, 2, 2, 2, 6))
+    model, batch = meta_step.make_case("banking77_tiny", torch.device("cpu"))
+    model = model.double()
+    ours = meta_step.build_step(algo, "banking77_tiny", path, copy.deepcopy(model))
+    reference = meta_step.build_step(algo, "banking77_tiny", "reference", copy.deepcopy(model))
+    ours.meta_gradient(batch)
+    reference.meta_gradient(batch)
+    grads = {weight_name(k): p.grad for k, p in ours.parameters.items()}
+    table = "features.embedding.weight"
+    assert grads[table] is None and reference.parameters[table].grad is None
+    for k, p in reference.parameters.items():
+        if k != table:
+            assert p.grad.abs().sum() > 0, k
+            torch.testing.assert_close(grads[k], p.grad, rtol=1e-9, atol=1e-12, msg=k)
