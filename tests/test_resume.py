@@ -51,10 +51,21 @@ ALGORITHMS = {
     # (what a learner keeps beyond its weights and Adam's is resumed in the image cases above; the regression path adds
     # the task kind and the regression data module's stream)
     "maml_sinusoid": [*TINY, "data=sinusoid", "model.hidden=[8,8]", "algo=maml", "algo.inner_lr=0.01", "algo.eval_inner_steps=2"],
+    # text (#31): MAML on a bag of WordLlama's frozen token embeddings, BANKING77's tokenized utterances (the real
+    # data: tokenized into the session's cache once), training tasks from (seed, step) as for images
+    "maml_text": [
+        "data=banking77", "model.hidden=[8]", "algo=maml", "algo.inner_steps=1", "algo.eval_inner_steps=1", "data.meta_batch_size=2",
+        "data.k_query=2", "data.n_val_tasks=2", "data.eval_batch_size=2", "data.pin_memory=false",
+    ],
     # reinforcement learning: MAML-RL with TRPO on 2-D navigation, rollouts drawn from each task's seed
     "maml_rl": [
         "experiment=quick_navigation2d", "task_name=train", "data.horizon=10", "data.meta_batch_size=2", "data.rollouts=2", "data.eval_rollouts=2",
         "data.n_val_tasks=2", "model.hidden=[8,8]", "algo.eval_inner_steps=1", "callbacks.navigation_trajectories=null", "trainer.max_steps=40",
+    ],
+    # RL²: a GRU policy's weights and the Adam state of its PPO epochs, trials drawn from each task's seed
+    "rl2": [
+        "experiment=quick_navigation2d_rl2", "task_name=train", "data.horizon=10", "data.meta_batch_size=2", "data.rollouts=2", "data.eval_rollouts=2",
+        "data.n_val_tasks=2", "model.hidden=8", "algo.epochs=2", "callbacks.navigation_trajectories=null",
     ],
 }
 
@@ -86,8 +97,8 @@ def _last(log_dir: Path) -> list[Path]:
     return list(log_dir.glob("train/runs/*/checkpoints/last.ckpt"))
 
 
-# the learners killed as real processes: the richest state of the images (MAML++) and reinforcement learning
-KILLED = ("mamlpp", "maml_rl")
+# the learners killed as real processes: the richest state of the images (MAML++), reinforcement learning and text
+KILLED = ("mamlpp", "maml_rl", "maml_text")
 # where the others die (mid-epoch: data.batches_per_epoch=4)
 STOP = 6
 
