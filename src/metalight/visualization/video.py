@@ -8,7 +8,7 @@ each video shows an episode the test scored, adapted and sampled exactly as the 
 test, the states are replayed into a mujoco.Renderer on the environment's own model, through the model's
 `track` camera (it follows the cheetah's centre of mass), and written as GIFs with Pillow (a core
 dependency): horizon + 1 frames (the start state and one per step), video.fps frames per second (20 =
-real time: HalfCheetah's step is 5 x 0.01 s).
+real time at data.env_options.frame_skip 5, a step of 5 x 0.01 s; 5x slowed at Finn et al.'s frame_skip 1).
 
 MuJoCo opens an OpenGL context to render: on a machine without a display set MUJOCO_GL=egl (or osmesa)
 before it starts; eval.py opens one renderer before the test and stops with one line when it cannot.
@@ -84,7 +84,7 @@ def video_options(node: Mapping | None, run_cfg: Any) -> VideoOptions | None:
         raise ConfigError(f"video.steps={list(steps)}: the test adapts {eval_steps} steps (algo.eval_inner_steps={eval_steps}): use steps in 0..{eval_steps}.")
     fps = node.get("fps", 20)
     if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps <= 100:
-        raise ConfigError(f"video.fps={fps!r} is not valid: use a number in (0, 100] (20 = real time).")
+        raise ConfigError(f"video.fps={fps!r} is not valid: use a number in (0, 100] (20 = real time at frame_skip 5).")
     width, height = _whole("width", node.get("width", 320), 16, MAX_SIZE), _whole("height", node.get("height", 240), 16, MAX_SIZE)
     return VideoOptions(tasks, steps, float(fps), width, height)
 
