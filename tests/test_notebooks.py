@@ -15,7 +15,7 @@ MINI_CLASSES, MINI_IMAGES = 5, 20  # enough for 5-way tasks of 1 + 15 images per
 
 
 def test_notebooks_are_committed_without_outputs() -> None:
-    assert [p.name for p in NOTEBOOKS] == ["01_episodes.ipynb", "02_results.ipynb", "03_your_task.ipynb", "04_regression.ipynb", "05_meta_rl.ipynb"]
+    assert [p.name for p in NOTEBOOKS] == ["01_episodes.ipynb", "02_results.ipynb", "03_your_task.ipynb", "04_regression.ipynb", "05_meta_rl.ipynb", "06_text.ipynb"]
     for path in NOTEBOOKS:
         cells = [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
         assert all(not c.outputs and c.execution_count is None for c in cells), f"{path.name} holds outputs: clear them"
@@ -169,3 +169,24 @@ def test_meta_rl_notebook_on_maml_pretrained_and_random_runs(tmp_path: Path, mon
             for values, expected in ((before, per_step[0]), (after, per_step[3])):
                 assert abs(sum(map(float, values.split(", "))) / 3 - expected) < 0.1, line
     assert _images(notebook) == 3  # the validation curves, the test return per step, the trajectories
+
+
+@pytest.mark.slow
+def test_text_notebook_trains_compares_with_the_untrained_baseline_and_classifies_sentences(intents_dir: Path, cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _register_kernel(tmp_path, monkeypatch)
+    monkeypatch.setenv("DATA_DIR", str(intents_dir))
+    monkeypatch.setenv("METALIGHT_CACHE", str(cache_dir))
+    short = ["data=banking77", "algo=protonet", "trainer.max_steps=6", "data.batches_per_epoch=3", "data.n_val_tasks=4", "data.n_test_tasks=8", "data.eval_batch_size=4", f"paths.log_dir={tmp_path / 'logs'}"]
+    monkeypatch.setenv("METALIGHT_OVERRIDES", " ".join(short))
+    monkeypatch.setenv("METALIGHT_EXPERIMENT", "")
+    notebook = _execute("06_text.ipynb")
+    text = "".join(out.get("text", "") for cell in notebook.cells for out in cell.get("outputs", []))
+    assert "trained 6 meta-steps" in text and "ProtoNet (meta-trained): test accuracy" in text
+    assert "untrained centroid (cosine): test accuracy" in text and "on the same episodes" in text
+    assert "test episode 0:" in text and "of 25 queries right" in text  # 5-way, Dopierre et al.'s 5 queries per class
+    rows = text[text.index("untrained centroid\n"):].splitlines()[1:4]
+    assert [row.split()[0] for row in rows] == ["how", "is", "my"]  # a row per sentence of your own
+    assert all(row.split()[-1] in ("card_arrival", "exchange_rate", "lost_or_stolen_card") for row in rows)
+    assert _images(notebook) == 1  # the validation curve beside the baseline
+    markdown = [out for cell in notebook.cells for out in cell.get("outputs", []) if "text/markdown" in out.get("data", {})]
+    assert len(markdown) == 1 and "| label | class | support utterances |" in markdown[0]["data"]["text/markdown"]
