@@ -2,7 +2,7 @@
 
 Gradient-based: MAML / first-order MAML, and on its meta-step ANIL, Meta-SGD and MAML++; Reptile;
 metric-based: Prototypical Networks; pretrain-then-fit: Baseline, Baseline++ and RFS-simple;
-reinforcement learning: MAML-RL with a TRPO outer step, or with ProMP's PPO outer step.
+reinforcement learning: MAML-RL with a TRPO outer step, or with ProMP's PPO outer step; RL² (a recurrent policy, PPO on whole trials).
 """
 
 from metalight.algorithms.anil import ANIL
@@ -18,6 +18,7 @@ from metalight.algorithms.metasgd import MetaSGD
 from metalight.algorithms.protonet import ProtoNet
 from metalight.algorithms.relationnet import RelationNet
 from metalight.algorithms.reptile import Reptile
+from metalight.algorithms.rl2 import RL2
 from metalight.algorithms.trpo import TRPO
 
-__all__ = ["ANIL", "CNP", "MAML", "MAMLPPO", "MAMLRL", "TRPO", "Baseline", "MAMLpp", "EpisodicModule", "MatchingNet", "MetaSGD", "NonFiniteMetaStepError", "ProtoNet", "RelationNet", "Reptile"]
+__all__ = ["ANIL", "CNP", "MAML", "MAMLPPO", "MAMLRL", "TRPO", "Baseline", "MAMLpp", "EpisodicModule", "MatchingNet", "MetaSGD", "NonFiniteMetaStepError", "ProtoNet", "RelationNet", "Reptile", "RL2"]

@@ -38,21 +38,12 @@ from torch import Tensor, nn
 from metalight.algorithms.functional import Params, TaskOutcome, split_state
 from metalight.algorithms.maml_rl import MAMLRL
 from metalight.algorithms.policy_gradient import Rollouts, gaussian_log_prob
-from metalight.algorithms.trpo import TRPO
-from metalight.errors import ConfigError
+from metalight.algorithms.ppo import EpochSteps, check_ppo_settings, clipped_losses, clipped_ratio
+
+__all__ = ["MAMLPPO", "clipped_ratio"]
 
 
-def clipped_ratio(ratio: Tensor, advantage: Tensor, clip: float) -> Tensor:
-    """The ratio PPO's objective multiplies each advantage by: r, or clip(r, 1 - clip, 1 + clip) where that gives the smaller r * A.
-
-    Times the advantage it is min(r * A, clip(r) * A) (Schulman et al. 2017, eq. 7); where the clipped value is taken
-    the ratio is a constant (zero gradient): beyond 1 + clip for A > 0, below 1 - clip for A < 0.
-    """
-    bounded = ratio.clamp(1 - clip, 1 + clip)
-    return torch.where(ratio * advantage <= bounded * advantage, ratio, bounded)
-
-
-class MAMLPPO(MAMLRL):
+class MAMLPPO(EpochSteps, MAMLRL):
     """MAML-RL with ProMP's PPO outer step: `epochs` Adam steps on the clipped surrogate per meta-batch, re-adapting through the LVC inner step each epoch (algo=maml_ppo)."""
 
     likelihood_ratio_inner = True
@@ -60,13 +51,7 @@ class MAMLPPO(MAMLRL):
     def __init__(self, model: nn.Module, clip: float = 0.2, epochs: int = 5, **options: Any) -> None:
         """clip: PPO's clip range; epochs: Adam steps per meta-batch; options: MAMLRL's (inner_lr, first_order, optimizer, ...)."""
         super().__init__(model, **options)
-        if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0:
-            raise ConfigError(f"algo.clip={clip!r} is not valid: use a number > 0 (ProMP: 0.2, garage's MAMLPPO: 0.5).")
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-            raise ConfigError(f"algo.epochs={epochs!r} is not valid: use a whole number >= 1 (ProMP: 5, garage's MAMLPPO: 1).")
-        factory = getattr(options.get("optimizer"), "func", options.get("optimizer"))  # Hydra's _partial_: a functools.partial of the class
-        if isinstance(factory, type) and issubclass(factory, TRPO):  # its trust region is built by MAMLRL only
-            raise ConfigError("algo=maml_ppo steps with a first-order optimizer (algo.optimizer: Adam by default), not TRPO: use algo=maml_rl for MAML-TRPO.")
+        check_ppo_settings(clip, epochs, options.get("optimizer"), "maml_ppo")
         self.clip, self.epochs = float(clip), epochs
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
         self.last_clipped = 0.0
@@ -78,11 +63,10 @@ class MAMLPPO(MAMLRL):
     def clipped_surrogate(self, params: Params, query: Rollouts, advantage: Tensor, sampled_log_prob: Tensor) -> Tensor:
         """Per-task PPO loss [B]: minus the mean of min(r * A, clip(r) * A), r = pi_params / pi_sampled on the query episodes."""
         mean, std = self.policy(params, query.observations)
-        ratio = (gaussian_log_prob(mean, std, query.actions) - sampled_log_prob).exp()
-        effective = clipped_ratio(ratio, advantage, self.clip)
-        live = query.mask.bool()
-        self.last_clipped = float((effective.detach() != ratio.detach())[live].float().mean()) if live.any() else 0.0
-        return torch.vmap(self.task_kind.loss)(effective, advantage)
+        losses, self.last_clipped = clipped_losses(
+            gaussian_log_prob(mean, std, query.actions), sampled_log_prob, advantage, query.mask, self.clip, self.task_kind.loss
+        )
+        return losses
 
     def compute_meta_gradient(self, batch: dict[str, Tensor], measure: bool) -> TaskOutcome:
         """Sample the meta-batch, then `epochs` times: adapt from the current weights, backpropagate the clipped surrogate, and step (all epochs but the last)."""
@@ -98,19 +82,6 @@ class MAMLPPO(MAMLRL):
             if epoch < self.epochs - 1 and not self.step_within_meta_batch():
                 break
         return TaskOutcome(first, returns, {}, first.new_zeros(0))
-
-    def step_within_meta_batch(self) -> bool:
-        """Clip and apply the gradient of an epoch before the last, then zero it; False (the gradient left for the base to skip) when it is not finite."""
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if not all(bool(torch.isfinite(g).all()) for g in grads):
-            return False
-        optimizer = self.optimizers()
-        if self.gradient_clip_val is not None:
-            self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
-        # the torch optimizer itself: a LightningOptimizer step would count as a global step
-        optimizer.optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return True
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         """The meta-step, then the fraction of the last epoch's live query steps whose ratio the clip held (train/ppo_clipped)."""

@@ -26,7 +26,7 @@ from torch.func import functional_call
 
 from metalight.algorithms.base import EpisodicModule, OptimizerFactory, SchedulerFactory
 from metalight.algorithms.functional import InnerLoop, Params, TaskOutcome, split_state
-from metalight.algorithms.policy_gradient import Rollouts, advantages, gaussian_kl, gaussian_log_prob, sample_rollouts
+from metalight.algorithms.policy_gradient import Rollouts, advantages, check_discounts, gaussian_kl, gaussian_log_prob, sample_rollouts
 from metalight.algorithms.trpo import TRPO, TrustRegionProblem
 from metalight.errors import ConfigError
 from metalight.tasks.kinds import TaskKind
@@ -61,9 +61,7 @@ class MAMLRL(EpisodicModule):
     ) -> None:
         super().__init__(model, optimizer, scheduler, gradient_clip_val, "vmap", max_nonfinite_steps)
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
-        for name, value in (("gamma", gamma), ("gae_lambda", gae_lambda)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-                raise ConfigError(f"algo.{name}={value!r} is not valid: use a number in [0, 1] (Finn et al.: gamma 0.99, lambda 1.0).")
+        check_discounts(gamma, gae_lambda)
         self.train_loop = InnerLoop(steps=inner_steps, lr=inner_lr, first_order=first_order)
         self.eval_loop = InnerLoop(steps=eval_inner_steps, lr=inner_lr if eval_inner_lr is None else eval_inner_lr)
         # evaluation steps after the first (Finn et al., A.2: "halving the learning rate after the first gradient step")

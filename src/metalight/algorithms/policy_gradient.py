@@ -16,9 +16,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from metalight.errors import ConfigError
 from metalight.tasks.rl import TaskEnvironment
 
 Policy = Callable[[Tensor], tuple[Tensor, Tensor]]  # observations [B, R, O] -> (mean [B, R, A], std broadcastable to it)
+# called after every environment step with (actions [B, R, A], rewards [B, R], alive [B, R]: 1 where the step was live):
+# what a recurrent policy (RL²) reads to carry its state to the next step
+StepObserver = Callable[[Tensor, Tensor, Tensor], None]
 
 
 class Rollouts(NamedTuple):
@@ -43,12 +47,15 @@ def start_seeds(seeds: Tensor, rollouts: int) -> list[int]:
     return [int(np.random.SeedSequence(s, spawn_key=(r,)).generate_state(1)[0]) for s in seeds.tolist() for r in range(rollouts)]
 
 
-def sample_rollouts(environment: TaskEnvironment, act: Policy, tasks: Tensor, seeds: Tensor, phase: int, rollouts: int) -> Rollouts:
+def sample_rollouts(
+    environment: TaskEnvironment, act: Policy, tasks: Tensor, seeds: Tensor, phase: int, rollouts: int, observe: StepObserver | None = None
+) -> Rollouts:
     """`rollouts` episodes of every task (parameters tasks [B, task_dim]) under the Gaussian policy `act`, all in one vector environment.
 
     Actions are mean + std * noise, the noise of task b drawn from its own generator (seeds[b], phase): a
     task's episodes do not depend on the other tasks of its batch; its start states come from start_seeds. The stored actions are the sampled ones
     (the environment clips what it applies), as the references store them. No gradient flows through sampling.
+    observe, given, sees every step's actions, rewards and live mask (a recurrent policy's state, tasks x rollouts).
     """
     n_tasks, horizon, action_dim = len(tasks), environment.horizon, environment.action_dim
     noise = torch.stack(
@@ -68,9 +75,18 @@ def sample_rollouts(environment: TaskEnvironment, act: Policy, tasks: Tensor, se
             actions.append(action)
             rewards.append(reward.view(n_tasks, rollouts) * alive)
             mask.append(alive)
+            if observe is not None:
+                observe(action, reward.view(n_tasks, rollouts), alive)
             alive = alive * (~terminated).view(n_tasks, rollouts).to(alive.dtype)
             observation = next_observation.view(n_tasks, rollouts, -1)
     return Rollouts(torch.stack(observations, 2), torch.stack(actions, 2), torch.stack(rewards, 2), torch.stack(mask, 2))
+
+
+def check_discounts(gamma: float, gae_lambda: float) -> None:
+    """ConfigError unless the discount and GAE's lambda are numbers in [0, 1]."""
+    for name, value in (("gamma", gamma), ("gae_lambda", gae_lambda)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ConfigError(f"algo.{name}={value!r} is not valid: use a number in [0, 1] (Finn et al.: gamma 0.99, lambda 1.0).")
 
 
 def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
