@@ -20,7 +20,7 @@ from metalight.algorithms.policy_gradient import (  # noqa: E402
     gae,
     gaussian_log_prob,
 )
-from metalight.algorithms.trpo import conjugate_gradient  # noqa: E402
+from metalight.algorithms.trpo import TRPO, conjugate_gradient  # noqa: E402
 from metalight.models import GaussianMLP  # noqa: E402
 from algo_tasks import assert_stops_with_one_line  # noqa: E402
 from metalight.runs.training import train  # noqa: E402
@@ -244,7 +244,6 @@ def test_ppo_second_order_meta_gradient_through_the_likelihood_ratio_inner_step_
 
 
 def test_ppo_rejects_bad_settings_and_trpo() -> None:
-    from metalight.algorithms import TRPO
     from metalight.errors import ConfigError
 
     with pytest.raises(ConfigError, match="algo.clip=0 is not valid"):
@@ -255,47 +254,81 @@ def test_ppo_rejects_bad_settings_and_trpo() -> None:
         MAMLPPO(GaussianMLP(2, 2), optimizer=TRPO)
 
 
-def test_maml_rl_learns_navigation_beyond_the_untrained_policy(compose_generated, tmp_path) -> None:
-    """A few TRPO meta-steps raise the return after one inner step on the same 20 test goals, by a margin; TensorBoard gets the curves and trajectories."""
+def test_without_inner_steps_the_meta_gradient_is_reinforces_finn_et_als_pretrained_loss() -> None:
+    """algo.inner_steps=0: the surrogate -mean(pi / pi_old * A) at pi = pi_old has the gradient of REINFORCE's -mean(log pi * A)
+    on the meta-policy's own episodes, the loss Finn et al.'s code steps with Adam for its pretrained baseline (use_maml=False)."""
+    datamodule = module(horizon=20, rollouts=4)
+    batch = datamodule.tasks("train")[[(0, 0), (0, 1), (0, 2)]]
+    algorithm = backward_without_trainer(learner(datamodule, inner_steps=0))
+    algorithm.compute_meta_gradient(batch, measure=True)
+    theta = dict(algorithm.model.named_parameters())
+    episodes = algorithm.rollouts(algorithm.per_task(theta, 3), batch, 0, 4)  # the same episodes: phase 0, the meta-policy's
+    mean, std = algorithm.policy(algorithm.per_task(theta, 3), episodes.observations)
+    log_prob = gaussian_log_prob(mean, std, episodes.actions)
+    reinforce = -(log_prob * algorithm.advantages(episodes)).flatten(1).mean(1).mean()  # mean over each task's R x T steps, then tasks
+    expected = torch.autograd.grad(reinforce, list(theta.values()))
+    assert any(bool(g.abs().max() > 1e-3) for g in expected)
+    for p, g in zip(theta.values(), expected):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+
+
+def test_finn_navigation_protocols_their_test_and_their_pretrained_baseline(compose_generated) -> None:
+    """navigation2d_finn tests with the authors' 40 goals x 40 rollouts; navigation2d_finn_pretrained trains as their code does: Adam, 1e-3, no inner step."""
+    from hydra.utils import instantiate
+
+    maml = compose_generated("experiment=navigation2d_finn")
+    assert (maml.data.n_test_tasks, maml.data.eval_rollouts, maml.algo.eval_inner_lr_later) == (40, 40, 0.05)
+    cfg = compose_generated("experiment=navigation2d_finn_pretrained")
+    assert cfg.algo.inner_steps == 0 and cfg.data == maml.data and cfg.trainer.max_steps == maml.trainer.max_steps
+    optimizer = instantiate(cfg.algo, model=instantiate(cfg.model)).configure_optimizers()
+    assert type(optimizer) is torch.optim.Adam and optimizer.defaults["lr"] == 1e-3
+    assert isinstance(instantiate(maml.algo, model=instantiate(maml.model)).configure_optimizers(), TRPO)
+
+
+# 30-step episodes (a goal is at most 7 steps away): two short runs cost what one run of 100-step episodes did
+SHORT = [*SMALL, "data.horizon=30", "data.meta_batch_size=8", "data.rollouts=8", "trainer.max_steps=8", "data.batches_per_epoch=8"]
+
+
+def test_maml_rl_adapts_beyond_a_pretrained_policy_of_the_same_budget(compose_generated, tmp_path) -> None:
+    """What only meta-learning gives: after one inner step on 20 test goals MAML-RL's return beats, by a margin, the
+    pretrained baseline's (the same learner with algo.inner_steps=0: TRPO on the same tasks for as many meta-steps);
+    TensorBoard gets the curves and trajectories."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from metalight.visualization import read_scalars
 
     scores = {}
-    for name, steps in (("trained", 8), ("untrained", 0)):
-        cfg = compose_generated(
-            *SMALL, f"trainer.max_steps={steps}", "data.batches_per_epoch=8", "data.meta_batch_size=5", "data.rollouts=5",
-            f"logger={'tensorboard' if steps else 'csv'}", folder=name,
-        )
-        metrics, objects = train(cfg)
-        assert objects["algorithm"].task_kind.name == REINFORCEMENT.name and objects["trainer"].global_step == steps
+    for name, options in (("maml", ["logger=tensorboard"]), ("pretrained", ["algo.inner_steps=0"])):
+        metrics, objects = train(compose_generated(*SHORT, *options, folder=name))
+        assert objects["algorithm"].task_kind.name == REINFORCEMENT.name and objects["trainer"].global_step == 8
         scores[name] = [metrics[f"test/return_step{k}"] for k in range(4)]
         assert metrics["test/return"] == scores[name][-1] and math.isfinite(metrics["test/return_ci95"])
-    trained, untrained = scores["trained"], scores["untrained"]
-    assert trained[1] > untrained[1] + 10, (trained, untrained)
-    run = tmp_path / "trained" / "run"
+    maml, pretrained = scores["maml"], scores["pretrained"]
+    # measured with seeds 42 / 1 / 2 / 3, after one step: MAML-RL -7.9 / -7.8 / -7.7 / -7.4, pretrained -12.4 / -12.4 /
+    # -12.1 / -13.0 (before adaptation -13.7 / -12.8 / -12.2 / -12.8 and -17.3 / -16.8 / -17.2 / -16.5)
+    assert maml[1] > pretrained[1] + 2, (maml, pretrained)
+    run = tmp_path / "maml" / "run"
     events = EventAccumulator(str(next(run.rglob("events.out.tfevents.*")).parent), size_guidance={"images": 0})
     events.Reload()
     assert "val_navigation/trajectories" in events.Tags()["images"]
     assert {f"val/return_step{k}" for k in range(4)} | {"train/return", "train/return_before", "train/trpo_kl"} <= set(read_scalars(run))
 
 
-def test_maml_ppo_learns_navigation_beyond_the_untrained_policy(compose_generated) -> None:
-    """A few PPO meta-steps (5 Adam epochs each, ProMP's settings) raise the return after one inner step on 20 test goals, by a margin."""
+def test_maml_ppo_adapts_beyond_a_pretrained_policy_of_the_same_budget(compose_generated) -> None:
+    """As for MAML-RL: after one inner step MAML-PPO (5 Adam epochs per meta-batch, ProMP's) beats by a margin the same
+    learner trained without inner step for as many meta-steps. Adam's step is 1e-2, not ProMP's 1e-3, so that 8
+    meta-steps learn (at 1e-3 the two were 1 point apart after one step)."""
     scores = {}
-    for name, steps in (("trained", 6), ("untrained", 0)):
-        cfg = compose_generated(
-            *SMALL, "algo=maml_ppo", f"trainer.max_steps={steps}", "data.batches_per_epoch=6", "data.meta_batch_size=4", "data.rollouts=5",
-            "data.n_val_tasks=4", folder=name,
-        )
-        metrics, objects = train(cfg)
-        assert objects["trainer"].global_step == steps, "a meta-step is a meta-batch, whatever its epochs"
+    for name, options in (("maml", []), ("pretrained", ["algo.inner_steps=0"])):
+        metrics, objects = train(compose_generated(*SHORT, "algo=maml_ppo", "algo.optimizer.lr=0.01", *options, folder=name))
+        assert objects["trainer"].global_step == 8, "a meta-step is a meta-batch, whatever its epochs"
         adam = objects["trainer"].optimizers[0]
-        assert all(int(state["step"]) == 5 * steps for state in adam.state.values()), "5 Adam steps per meta-batch"
+        assert all(int(state["step"]) == 5 * 8 for state in adam.state.values()), "5 Adam steps per meta-batch"
         scores[name] = [metrics[f"test/return_step{k}"] for k in range(4)]
-    trained, untrained = scores["trained"], scores["untrained"]
-    # measured: -42.7 / -40.2 / -39.3 / -37.5 against -69.8 / -68.0 / -69.6 / -66.7 (2.4 s)
-    assert trained[1] > untrained[1] + 10, (trained, untrained)
+    maml, pretrained = scores["maml"], scores["pretrained"]
+    # measured with seeds 42 / 1 / 2 / 3, after one step: MAML-PPO -6.3 / -6.8 / -7.5 / -7.1, pretrained -12.0 / -11.1 /
+    # -11.1 / -12.1
+    assert maml[1] > pretrained[1] + 2, (maml, pretrained)
 
 
 @pytest.mark.parametrize("algo", ["maml_rl", "maml_ppo"])
