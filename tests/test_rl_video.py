@@ -17,11 +17,13 @@ from metalight.runs import cli  # noqa: E402
 from metalight.runs.training import train  # noqa: E402
 
 # 1 meta-step of a 8-unit policy; 3 test tasks in batches of 2 (the videos' tasks span two test batches), 2 rollouts
-# of 6 steps each, adapted 1 step at test
+# of 6 steps each, adapted 1 step at test; the protocol's frame_skip 1, with the root's velocity (convention=gymnasium)
+# so that an episode's return is its distance run, less the control cost
+OPTIONS = {"frame_skip": 1, "convention": "gymnasium"}
 TINY = [
     "experiment=halfcheetah_dir", "trainer.max_steps=1", "data.meta_batch_size=2", "data.rollouts=1", "data.eval_rollouts=2",
     "data.horizon=6", "data.n_val_tasks=1", "data.n_test_tasks=3", "data.eval_batch_size=2", "data.batches_per_epoch=1",
-    "algo.eval_inner_steps=1", "model.hidden=[8]", "logger=csv", "test=false",
+    "algo.eval_inner_steps=1", "model.hidden=[8]", "logger=csv", "test=false", *(f"data.env_options.{k}={v}" for k, v in OPTIONS.items()),
 ]
 
 
@@ -110,7 +112,7 @@ def test_videos_show_the_tests_own_episodes_before_and_after_adaptation(egl, che
     for i in range(3):
         batch = test_batches[i // 2]
         assert torch.equal(batch["tasks"][i % 2], torch.tensor(episodes[(i, 0)]["task"], dtype=batch["tasks"].dtype))
-        env = HalfCheetahDirection(2 * len(batch["tasks"]), horizon=6)
+        env = HalfCheetahDirection(2 * len(batch["tasks"]), horizon=6, **OPTIONS)
         env.reset(seed=start_seeds(batch["seeds"], 2), options={"tasks": batch["tasks"].repeat_interleave(2, dim=0)})
         for k in (0, 1):
             episode = episodes[(i, k)]
