@@ -33,6 +33,7 @@ ALGORITHMS = ("maml_loop", "maml_vmap", "reptile_fresh", "anil_loop", "metasgd_l
 # so two processes are compared with reference_reptile(shares=2), not with one process
 PER_RANK_RULE = ("reptile_persistent",)
 ALGORITHMS += ("matchingnet_loop", "relationnet_loop")  # the metric-based learners of #24 (Matching Networks with FCE)
+ALGORITHMS += ("snail_loop",)  # SNAIL (#34): the support order drawn per (seed, step, task) on each rank's share
 ALGORITHMS += ("maml_text",)  # text tasks (#31): token ids from a TextDataModule, the token table frozen and never adapted
 UTTERANCES = "utterances.csv"  # the text learner's data, written into OUT_DIR by the test
 
@@ -58,6 +59,11 @@ def build(name: str):
         torch.manual_seed(0)  # 8x8 images, one pool: 4x4 maps
         spatial = Conv4Relation(1, 3, hidden=4, image_size=8, padding=[1, 1, 1, 1], pool=[True, False, False, False]).to(torch.float64)
         return RelationNet(spatial, relation_channels=4, task_parallel=name.partition("_")[2])
+    if name.startswith("snail"):
+        from metalight.algorithms import SNAIL
+
+        blocks = [["attention", 4, 3], ["tc", 3], ["attention", 4, 3]]
+        return SNAIL(tiny_conv4(seed=0, dtype=torch.float64), n_way=3, k_shot=3, blocks=blocks, embedding=4, task_parallel="loop")
     if name.endswith("_text"):
         from metalight.text.encoders import TextBag
 

@@ -3,7 +3,8 @@
 A subclass provides `task_fn(n_way, keep_logits)`, the function of one task (params, support_x, support_y,
 query_x, query_y, indices) -> TaskOutcome that run_tasks takes; this class trains it on the vmap or loop
 path through `meta_backward` (DDP averages the gradient) and scores evaluation tasks with it without
-gradients. ProtoNets, Matching Networks and Relation Networks are such learners.
+gradients. ProtoNets, Matching Networks and Relation Networks are such learners, and SNAIL (model-based:
+one forward pass over the support set, no inner loop) takes the same machinery.
 """
 
 from __future__ import annotations
@@ -15,6 +16,15 @@ from torch import Tensor
 
 from metalight.algorithms.base import EpisodicModule
 from metalight.algorithms.functional import TaskOutcome, run_tasks, split_state
+
+
+def embed_task(embed: Callable[[Tensor], Tensor], support_x: Tensor, query_x: Tensor, transductive: bool) -> tuple[Tensor, Tensor]:
+    """Embeddings of a task's support set and queries: as one batch (transductive, with batch-statistics BatchNorm), or
+    the support set alone and each query in a batch with the support set (so no query sees another one)."""
+    if transductive:
+        embedded = embed(torch.cat([support_x, query_x]))
+        return embedded[: len(support_x)], embedded[len(support_x) :]
+    return embed(support_x), torch.vmap(lambda q: embed(torch.cat([support_x, q.unsqueeze(0)]))[-1])(query_x)
 
 
 class MetricLearner(EpisodicModule):

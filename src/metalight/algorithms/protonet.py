@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metalight.algorithms.base import OptimizerFactory, SchedulerFactory, outcome_of_logits, require_features_and_head
-from metalight.algorithms.metric import MetricLearner
+from metalight.algorithms.metric import MetricLearner, embed_task
 from metalight.algorithms.finetune import finetune_and_score
 from metalight.algorithms.functional import Params, TaskOutcome, split_state
 from metalight.tasks.kinds import accuracy
@@ -85,12 +85,7 @@ class ProtoNet(MetricLearner):
             return functional_call(self.model, (params, fixed), (x,))
 
         def run(params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, indices: None) -> TaskOutcome:
-            if transductive:
-                embedded = embed(params, torch.cat([support_x, query_x]))
-                support, queries = embedded[: len(support_x)], embedded[len(support_x) :]
-            else:
-                support = embed(params, support_x)
-                queries = torch.vmap(lambda q: embed(params, torch.cat([support_x, q.unsqueeze(0)]))[-1])(query_x)
+            support, queries = embed_task(lambda x: embed(params, x), support_x, query_x, transductive)
             logits = negative_squared_distances(queries, prototypes(support, support_y, n_way))
             kept = logits.detach().unsqueeze(0) if keep_logits else logits.new_zeros(0)
             return TaskOutcome(F.cross_entropy(logits, query_y), accuracy(logits.detach(), query_y).unsqueeze(0), {}, kept)

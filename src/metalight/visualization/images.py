@@ -6,7 +6,10 @@
   puts it on a matplotlib Axes with labelled rows (notebooks; matplotlib itself is not imported here).
 * `query_predictions` adapts tasks exactly as validation and test do and returns the predicted query
   labels before and after.
-* `ValidationTaskImage` logs that picture of validation task 0 at every validation (image classification only).
+* `attention_grid` draws how a learner that reads the support set by attention (SNAIL) weighs each support
+  image from each query.
+* `ValidationTaskImage` logs that picture of validation task 0 at every validation (image classification only),
+  and its attention picture when the learner has one (`support_attention`).
 """
 
 from __future__ import annotations
@@ -38,6 +41,12 @@ LEGEND_NO_ADAPTATION = (
     "Validation task 0, one row per class (the row number is the label): support images (blue frame), a gap, "
     "query images. Inner query frame: the learner's prediction (it does not adapt: the outer frame stays grey); "
     "green right, red wrong."
+)
+
+ATTENTION_LEGEND = (
+    "Validation task 0: the last attention block's weights from each query (a row: the query image, then one cell per "
+    "support image) over the support images (top row, in the task's order, class by class); darker is more weight, "
+    "scaled to the largest weight in the picture. A query's weight on itself is left out."
 )
 
 
@@ -101,6 +110,26 @@ def task_grid(
     return make_grid(torch.cat(tiles), nrow=per_row, padding=width, pad_value=1.0)
 
 
+def attention_grid(task: Task, weights: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """An RGB image [3, H, W] of attention weights [Q, S] from each query of `task` over its support images.
+
+    Top row: a blank corner, then the support images; below, a row per query: the query image, then a cell per
+    support image, from white (no weight) to dark blue (the largest weight in the picture).
+    """
+    support = unnormalize(task["support_x"], mean, std).expand(-1, 3, -1, -1)
+    query = unnormalize(task["query_x"], mean, std).expand(-1, 3, -1, -1)
+    width = max(1, support.shape[-1] // 14)
+    support = _framed(support, [SUPPORT] * len(support), [SUPPORT] * len(support), width)
+    query = _framed(query, [NEUTRAL] * len(query), [NEUTRAL] * len(query), width)
+    shade = (weights.detach().float().cpu() / weights.max().clamp_min(1e-12)).view(*weights.shape, 1, 1, 1)
+    white, dark = torch.ones(3, 1, 1), torch.tensor(SUPPORT).view(3, 1, 1) * 0.5
+    cells = white + shade * (dark - white)  # [Q, S, 3, 1, 1]
+    cells = cells.expand(-1, -1, -1, *support.shape[-2:])
+    rows = [torch.cat([torch.ones_like(support[:1]), support])]
+    rows += [torch.cat([q.unsqueeze(0), c]) for q, c in zip(query, cells)]
+    return make_grid(torch.cat(rows), nrow=len(support) + 1, padding=width, pad_value=1.0)
+
+
 def show_task(
     ax: Any,
     task: Task,
@@ -135,6 +164,9 @@ def query_predictions(algorithm: EpisodicModule, batch: Task, stream: str = "val
 
 class ValidationTaskImage(Callback):
     """At every validation, log validation task 0 as an image (`val_task/episode`) with its predictions before/after adaptation.
+
+    A learner that reads the support set by attention (one with `support_attention`, SNAIL) also gets
+    `val_task/attention`: each query's weights over the support images (attention_grid).
 
     The task is the first one of the first validation batch on rank 0, which is the fixed validation task
     0 (data.eval_seed), so the pictures of successive validations differ only by the predictions. It is
@@ -172,3 +204,10 @@ class ValidationTaskImage(Callback):
         else:
             summary = f"{LEGEND}\n\nQuery accuracy before adaptation {float((before[0] == query_y).float().mean()):.3f}, after {after_score:.3f}."
         writer.add_text("val_task/legend", summary, global_step=step)
+        support_attention = getattr(pl_module, "support_attention", None)
+        if callable(support_attention):
+            weights = support_attention(single, stream="val", task_id=0)
+            writer.add_image("val_task/attention", attention_grid(single, weights, datamodule.mean, datamodule.std), global_step=step)
+            own = (weights * (single["query_y"].unsqueeze(1) == single["support_y"].unsqueeze(0))).sum(1) / weights.sum(1)
+            summary = f"{ATTENTION_LEGEND}\n\nShare of the support weight on the query's own class: {float(own.mean()):.3f}."
+            writer.add_text("val_task/attention_legend", summary, global_step=step)
