@@ -270,3 +270,14 @@ def test_untrained_protonet_on_the_mean_is_the_euclidean_centroid_baseline(compo
     assert objects["trainer"].global_step == 0
     assert metrics["test/acc"] == pytest.approx(metrics["test/untrained_centroid_euclid_acc"], abs=1e-6)
     assert objects["algorithm"].test_results["untrained_centroid_acc"] == pytest.approx(metrics["test/untrained_centroid_acc"], abs=1e-6)
+
+
+def test_a_residual_bag_starts_as_the_normalized_mean():
+    """normalize + residual: before training, features are WordLlama's unit-length sentence embeddings (ProtoNets then start at the cosine baseline)."""
+    model = TextBag(3, hidden=[64, 256], normalize=True, residual=True)
+    ids = token_batch(1)["support_x"][0]
+    table = load_embeddings()
+    expected = torch.stack([F.normalize(table[row[row != PAD_ID]].mean(0), dim=0) for row in ids])
+    torch.testing.assert_close(model.features(ids), expected)
+    with pytest.raises(ConfigError, match="model.residual=true"):
+        TextBag(3, hidden=[64], residual=True)
