@@ -368,7 +368,7 @@ def test_a_missing_rl_extra_is_named(monkeypatch) -> None:
         (["model.in_features=5"], "set model.in_features=2"),
         (["data.env=cheetah"], "data.env='cheetah' is not known: use one of navigation2d"),
         (["model=mlp"], "algo=maml_rl needs a Gaussian policy returning (mean, std), but MLP does not: use model=gaussian_mlp"),
-        (["algo=maml"], "gives reinforcement tasks: choose algo=maml_rl (or fomaml_rl, maml_ppo)"),
+        (["algo=maml"], "gives reinforcement tasks: choose algo=maml_rl (or fomaml_rl, maml_ppo, rl2)"),
         (["algo=maml_ppo", "algo.clip=0"], "algo.clip=0 is not valid: use a number > 0"),
         (["algo=maml_ppo", "algo.optimizer._target_=metalight.algorithms.TRPO"], "not TRPO: use algo=maml_rl"),
         (["data.env_options.goal_range=[0.5,-0.5]"], "data.env_options.goal_range=[0.5, -0.5] must be [low, high]"),

@@ -78,7 +78,7 @@ def mean_and_ci95(total: float, total_sq: float, n: int) -> tuple[float, float]:
 LEARNERS_OF_KIND = {
     "regression": "a gradient-based learner (algo=maml, fomaml, reptile, anil, metasgd, mamlpp, pretrained) or algo=cnp",
     "classification": "any learner but algo=cnp",
-    "reinforcement": "algo=maml_rl (or fomaml_rl, maml_ppo)",
+    "reinforcement": "algo=maml_rl (or fomaml_rl, maml_ppo, rl2)",
 }
 
 
