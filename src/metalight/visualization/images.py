@@ -8,8 +8,9 @@
   labels before and after.
 * `attention_grid` draws how a learner that reads the support set by attention (SNAIL) weighs each support
   image from each query.
-* `ValidationTaskImage` logs that picture of validation task 0 at every validation (image classification only),
-  and its attention picture when the learner has one (`support_attention`).
+* `ValidationTaskImage` logs that picture of validation task 0 at every validation (image classification),
+  and its attention picture when the learner has one (`support_attention`); for text data the same task as a
+  table of utterances (visualization/text.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torchvision.utils import make_grid
 
 from metalight.algorithms.base import EpisodicModule
 from metalight.visualization.charts import tensorboard_writer
+from metalight.visualization.text import log_text_task
 
 Task = dict[str, Tensor]
 
@@ -166,22 +168,25 @@ class ValidationTaskImage(Callback):
     """At every validation, log validation task 0 as an image (`val_task/episode`) with its predictions before/after adaptation.
 
     A learner that reads the support set by attention (one with `support_attention`, SNAIL) also gets
-    `val_task/attention`: each query's weights over the support images (attention_grid).
+    `val_task/attention`: each query's weights over the support images (attention_grid). On text data the
+    episode is a table under Text instead (`val_task/episode`: log_text_task, the same predictions).
 
     The task is the first one of the first validation batch on rank 0, which is the fixed validation task
     0 (data.eval_seed), so the pictures of successive validations differ only by the predictions. It is
     adapted once more for the picture (one task: cheap beside the validation itself). Needs a
-    TensorBoardLogger (logger=tensorboard); without one, or for tasks that are not image classification
-    (regression has RegressionFits), it does nothing.
+    TensorBoardLogger (logger=tensorboard); without one, or for tasks that are not classification of images
+    or texts (regression has RegressionFits), it does nothing.
     """
 
     def __init__(self) -> None:
         self._task: Task | None = None
 
     def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        """Keep task 0 of the first batch (already on the device and normalized)."""
-        images = "support_x" in batch and batch["support_x"].dim() == 5  # [B, N*K, C, H, W]: image classification tasks (not RL's task parameters)
-        if batch_idx == 0 and images and trainer.is_global_zero and not trainer.sanity_checking:
+        """Keep task 0 of the first batch (already on the device: normalized images, or token ids)."""
+        x = batch["support_x"] if "support_x" in batch else None
+        # [B, N*K, C, H, W] images or [B, N*K, L] token ids: classification tasks (not RL's task parameters, not regression's floats)
+        classes = x is not None and (x.dim() == 5 or (x.dim() == 3 and not x.is_floating_point()))
+        if batch_idx == 0 and classes and trainer.is_global_zero and not trainer.sanity_checking:
             self._task = {k: v[:1].detach().clone() for k, v in batch.items()}
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -193,9 +198,12 @@ class ValidationTaskImage(Callback):
         before, after = query_predictions(pl_module, task, stream="val", task_ids=[0])
         datamodule = trainer.datamodule
         single = {k: v[0] for k, v in task.items()}
-        image = task_grid(single, datamodule.mean, datamodule.std, None if before is None else before[0], after[0])
         # the step Lightning logs the val/* scalars at (its own LearningRateMonitor reads the same counter)
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        if getattr(datamodule, "modality", None) == "text":  # utterances: a table under Text instead of a picture
+            log_text_task(trainer, single, None if before is None else before[0].cpu(), after[0].cpu(), step)
+            return
+        image = task_grid(single, datamodule.mean, datamodule.std, None if before is None else before[0], after[0])
         writer.add_image("val_task/episode", image, global_step=step)
         query_y = single["query_y"]
         after_score = float((after[0] == query_y).float().mean())
