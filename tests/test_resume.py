@@ -47,6 +47,8 @@ ALGORITHMS = {
     # Baseline++: the classifier over the training classes, BatchNorm running statistics, the stream of labelled images
     "baseline": [*TINY, "algo=baseline", "algo.head=cosine", "data.batch_size=4", "algo.fit_epochs=2", "model.track_running_stats=true"],
     "reptile": [*TINY, "algo=reptile", "algo.inner_steps=2", "algo.eval_inner_steps=1"],  # the persistent inner Adam state
+    # SNAIL (#34): the support order of each training task drawn from (seed, step, task), so a resumed step reads the same sequences
+    "snail": [*TINY, "algo=snail"],
     # regression through the task interface: MAML's vmap path on sinusoids, whose training tasks come from (seed, step)
     # (what a learner keeps beyond its weights and Adam's is resumed in the image cases above; the regression path adds
     # the task kind and the regression data module's stream)
