@@ -147,6 +147,7 @@ LEARNERS = {
     "metasgd": lambda m: MetaSGD(m, inner_lr=0.5, inner_steps=1, optimizer=SGD1),
     "mamlpp": lambda m: MAMLpp(m, inner_lr=0.5, inner_steps=2, bnrs=False, bnwb=False, ca=False, msl=False, optimizer=SGD1),
     "reptile": lambda m: Reptile(m, inner_steps=2, inner_batch_size=None, eval_inner_steps=1),
+    "reptile_loop": lambda m: Reptile(m, inner_steps=2, inner_batch_size=None, eval_inner_steps=1, task_parallel="loop"),  # carries its Adam task to task
 }
 
 
@@ -164,7 +165,7 @@ def test_each_learner_keeps_the_table_out_of_its_inner_loop(learner, table):
     assert TABLE not in sizes
     make_trainer(max_steps=1, precision="64-true").fit(algorithm, loader([token_batch(2)]))
     moved = not torch.equal(model.features.embedding.weight.detach(), before)
-    assert moved == (table == "trainable" and learner != "reptile")
+    assert moved == (table == "trainable" and not learner.startswith("reptile"))
     assert not torch.equal(model.features.mlp[0].weight.detach(), tiny_bag(freeze_embeddings=table == "frozen").features.mlp[0].weight)
 
 
@@ -181,6 +182,7 @@ def test_a_text_encoder_on_images_stops_in_one_line(tmp_path, data_dir, train_py
         (["model=conv4"], "model=metalight.models.Conv4 takes images, but the data (metalight.data.FewShotDataModule) gives text: use a text encoder"),
         (["model=text_bag", "algo=relationnet"], "algo=metalight.algorithms.RelationNet takes images only, but the data"),
         (["model=text_cnn", "algo=cnp"], "learns regression tasks only"),
+        (["model=text_bag", "algo=protonet", "algo.finetune_steps=5"], "algo.finetune_steps fine-tunes on flipped and shifted copies"),
     ],
 )
 def test_an_image_model_or_learner_on_text_is_refused(compose_train, monkeypatch, overrides, expected):
@@ -281,3 +283,10 @@ def test_a_residual_bag_starts_as_the_normalized_mean():
     torch.testing.assert_close(model.features(ids), expected)
     with pytest.raises(ConfigError, match="model.residual=true"):
         TextBag(3, hidden=[64], residual=True)
+
+
+def test_an_image_network_on_text_data_stops_in_one_line(tmp_path, intents_file, train_py_in_process):
+    status, output = train_py_in_process(tmp_path, tmp_path / "logs", "data=text", f"data.root={intents_file}", "model=conv4", "debug=fast_dev_run")
+    assert status == 2, output[-2000:]
+    assert "model=metalight.models.Conv4 takes images, but the data (metalight.text.datamodule.TextDataModule) gives text" in output
+    assert "Traceback" not in output and not list(tmp_path.glob("logs/*/runs/*"))

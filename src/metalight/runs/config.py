@@ -113,6 +113,8 @@ def _check_modality(cfg: DictConfig) -> None:
             f"algo={_value(cfg, 'algo._target_')} takes {' and '.join(wanted)} only, but the data ({data_name}) gives {given}: "
             "use another learner (algo=protonet, matchingnet, maml, anil, baseline, ...)."
         )
+    if given == "text" and (_value(cfg, "algo.finetune_steps") or 0) > 0:
+        raise ConfigError("algo.finetune_steps fine-tunes on flipped and shifted copies of the support images, which text has none of: set algo.finetune_steps=0.")
 
 
 def _check_train_mode(cfg: DictConfig) -> None:
