@@ -16,6 +16,8 @@ from metalight.algorithms.functional import run_tasks, split_state
 from metalight.errors import ConfigError
 from metalight.models.snail import SNAILNet, tc_dilations
 from metalight.runs.training import train
+from metalight.visualization import attention_grid
+from metalight.visualization.images import SUPPORT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -135,6 +137,22 @@ def test_attention_weights_are_in_the_tasks_support_order():
         support = algorithm.model(task["support_x"][order])
         _, shuffled = algorithm.model.snail(support, task["support_y"][order], algorithm.model(task["query_x"]), attention=True)
     torch.testing.assert_close(weights[:, order], shuffled[:, :-1], rtol=0, atol=1e-10)
+
+
+def test_attention_grid_shades_each_cell_by_its_weight():
+    task = {k: v[0] for k, v in make_batch(1, n_way=3, k_shot=1, k_query=1, size=28).items()}
+    weights = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.5, 0.5], [0.0, 0.0, 0.0]])
+    grid = attention_grid(task, weights, [0.5], [0.25])
+    width, tile = 2, 28 + 4 * 2 + 2
+    assert grid.shape == (3, 4 * tile + width, 4 * tile + width)  # a support row over 3 query rows; a query column beside 3 support columns
+
+    def cell(query: int, support: int) -> tuple[float, ...]:
+        """Color at the centre of the cell of (query row, support column)."""
+        return tuple(round(float(v), 3) for v in grid[:, width + (query + 1) * tile + tile // 2, width + (support + 1) * tile + tile // 2])
+
+    dark = tuple(0.5 * c for c in SUPPORT)
+    assert cell(0, 0) == pytest.approx(dark, abs=1e-3) and cell(0, 1) == pytest.approx((1.0, 1.0, 1.0), abs=1e-3)
+    assert cell(1, 2) == pytest.approx(tuple((1.0 + d) / 2 for d in dark), abs=1e-3)
 
 
 def test_longer_sequences_than_built_for_are_refused():

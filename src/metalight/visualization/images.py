@@ -47,8 +47,8 @@ LEGEND_NO_ADAPTATION = (
 
 ATTENTION_LEGEND = (
     "Validation task 0: the last attention block's weights from each query (a row: the query image, then one cell per "
-    "support image) over the support images (top row, in the task's order, class by class); darker is more weight, "
-    "scaled to the largest weight in the picture. A query's weight on itself is left out."
+    "support image) over the support images (top row, in the task's order, class by class); from white (0) to dark "
+    "blue (1, all the weight on one image). A query's weight on itself is left out."
 )
 
 
@@ -116,14 +116,14 @@ def attention_grid(task: Task, weights: Tensor, mean: Sequence[float], std: Sequ
     """An RGB image [3, H, W] of attention weights [Q, S] from each query of `task` over its support images.
 
     Top row: a blank corner, then the support images; below, a row per query: the query image, then a cell per
-    support image, from white (no weight) to dark blue (the largest weight in the picture).
+    support image, from white (weight 0) to dark blue (weight 1).
     """
     support = unnormalize(task["support_x"], mean, std).expand(-1, 3, -1, -1)
     query = unnormalize(task["query_x"], mean, std).expand(-1, 3, -1, -1)
     width = max(1, support.shape[-1] // 14)
     support = _framed(support, [SUPPORT] * len(support), [SUPPORT] * len(support), width)
     query = _framed(query, [NEUTRAL] * len(query), [NEUTRAL] * len(query), width)
-    shade = (weights.detach().float().cpu() / weights.max().clamp_min(1e-12)).view(*weights.shape, 1, 1, 1)
+    shade = weights.detach().float().cpu().clamp(0.0, 1.0).view(*weights.shape, 1, 1, 1)
     white, dark = torch.ones(3, 1, 1), torch.tensor(SUPPORT).view(3, 1, 1) * 0.5
     cells = white + shade * (dark - white)  # [Q, S, 3, 1, 1]
     cells = cells.expand(-1, -1, -1, *support.shape[-2:])
