@@ -157,6 +157,20 @@ def test_a_meta_steps_gradient_is_the_policy_gradient_of_whole_trials_with_advan
     assert outcome.scores.shape == (2, EPISODES) and algorithm.eval_steps == EPISODES - 1 and algorithm.adapts
 
 
+def test_the_navigation_figure_draws_the_episodes_of_a_trial() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from metalight.visualization import adapted_trajectories, plot_trajectories
+
+    algorithm, datamodule = _learner()
+    trajectories = adapted_trajectories(algorithm, datamodule, [0, 1])
+    assert trajectories["observations"].shape == (2, EPISODES, datamodule.eval_rollouts, HORIZON, 2) and trajectories["within_trial"]
+    figure = plot_trajectories(trajectories, steps=(0, 1, 2))
+    labels = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    assert any(label.startswith("episode 1 (") for label in labels) and any(label.startswith("episode 3 (") for label in labels), labels
+
+
 def test_fast_dev_run_logs_the_return_of_every_episode(compose_generated) -> None:
     cfg = compose_generated(
         "experiment=quick_navigation2d_rl2", "debug=fast_dev_run", "logger=csv", "data.horizon=10", "data.meta_batch_size=2", "data.rollouts=2",

@@ -103,6 +103,8 @@ class RL2(EpochSteps, EpisodicModule):
     """RL²: a GRU policy whose state persists across the episodes of a task's trial, PPO on whole trials (algo=rl2)."""
 
     task_kinds = ("reinforcement",)
+    # its evaluation scores the episodes of a trial, not inner steps (the navigation figure's legend says so)
+    adapts_within_trial = True
 
     def __init__(
         self,

@@ -19,15 +19,20 @@ log = logging.getLogger(__name__)
 
 
 def adapted_trajectories(algorithm: EpisodicModule, datamodule: RLDataModule, task_ids: Sequence[int], part: str = "val") -> dict[str, Tensor]:
-    """Adapt fixed tasks exactly as evaluation does and keep their episodes: goals [T, 2], observations [T, P, R, H, 2], returns [T, P] (CPU)."""
+    """Adapt fixed tasks exactly as evaluation does and keep their episodes: goals [T, 2], observations [T, P, R, H, 2], returns [T, P] (CPU),
+    and what P counts, "within_trial": the episodes of a trial (RL²) rather than inner steps."""
     batch = datamodule.tasks(part)[[(0, i) for i in task_ids]]
     batch = {k: v.to(algorithm.device) for k, v in batch.items()}
     outcome = algorithm.evaluate_tasks(batch, part, list(task_ids), keep_logits=True)
-    return {"goals": batch["tasks"].cpu(), "observations": outcome.logits.detach().cpu(), "returns": outcome.scores.detach().cpu()}
+    return {
+        "goals": batch["tasks"].cpu(), "observations": outcome.logits.detach().cpu(), "returns": outcome.scores.detach().cpu(),
+        "within_trial": getattr(algorithm, "adapts_within_trial", False),
+    }
 
 
 def plot_trajectories(trajectories: dict[str, Tensor], steps: Sequence[int] = (0, 1, 3), rollouts: int = 1, axes: Any = None) -> Any:
-    """Draw, for each task, the goal and the first `rollouts` episodes before adaptation and after `steps` inner steps; the figure."""
+    """Draw, for each task, the goal and the first `rollouts` episodes before adaptation and after `steps` inner steps (for RL²: episodes
+    steps + 1 of a trial); the figure."""
     import matplotlib.pyplot as plt  # only when drawing
 
     goals, observations, returns = trajectories["goals"], trajectories["observations"], trajectories["returns"]
@@ -38,7 +43,10 @@ def plot_trajectories(trajectories: dict[str, Tensor], steps: Sequence[int] = (0
     last = observations.shape[1] - 1
     for t, ax in enumerate(axes):
         for s in sorted({min(s, last) for s in steps}):
-            label = "pre-update" if s == 0 else f"{s} grad step{'s' if s > 1 else ''}"
+            if trajectories.get("within_trial", False):
+                label = f"episode {s + 1}"
+            else:
+                label = "pre-update" if s == 0 else f"{s} grad step{'s' if s > 1 else ''}"
             for r in range(min(rollouts, observations.shape[2])):
                 path = torch.cat([torch.zeros(1, 2), observations[t, s, r]])
                 ax.plot(path[:, 0], path[:, 1], linestyle="--" if s == 0 else "-", label=f"{label} ({float(returns[t, s]):.1f})" if r == 0 else None)
