@@ -201,6 +201,7 @@ TEXT_LEARNERS = {
     "mamlpp": ["algo.bnrs=false", "algo.bnwb=false", "algo.msl_epochs=1", "algo.da_epochs=0"],
     "reptile": ["algo.eval_inner_steps=2"], "baseline": ["algo.fit_epochs=2", "data.batch_size=4"],
     "baselinepp": ["algo.fit_epochs=2", "algo.head=cosine", "data.batch_size=4"],
+    "snail": [],  # #34: (embedding, one-hot label) sequences of encoded utterances
 }
 
 
