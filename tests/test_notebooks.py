@@ -176,9 +176,8 @@ def test_text_notebook_trains_compares_with_the_untrained_baseline_and_classifie
     _register_kernel(tmp_path, monkeypatch)
     monkeypatch.setenv("DATA_DIR", str(intents_dir))
     monkeypatch.setenv("METALIGHT_CACHE", str(cache_dir))
-    short = ["data=banking77", "algo=protonet", "trainer.max_steps=6", "data.batches_per_epoch=3", "data.n_val_tasks=4", "data.n_test_tasks=8", "data.eval_batch_size=4", f"paths.log_dir={tmp_path / 'logs'}"]
-    monkeypatch.setenv("METALIGHT_OVERRIDES", " ".join(short))
-    monkeypatch.setenv("METALIGHT_EXPERIMENT", "")
+    short = ["trainer.max_steps=6", "data.batches_per_epoch=3", "data.n_val_tasks=4", "data.n_test_tasks=8", "data.eval_batch_size=4", f"paths.log_dir={tmp_path / 'logs'}"]
+    monkeypatch.setenv("METALIGHT_OVERRIDES", " ".join(short))  # on the default experiment=quick_banking77
     notebook = _execute("06_text.ipynb")
     text = "".join(out.get("text", "") for cell in notebook.cells for out in cell.get("outputs", []))
     assert "trained 6 meta-steps" in text and "ProtoNet (meta-trained): test accuracy" in text
