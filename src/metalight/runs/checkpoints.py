@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from metalight.errors import CheckpointError
+from metalight.runs.learner_swap import fit_experiment_to_learner
 
 if TYPE_CHECKING:  # types only: a run on disk is read before any algorithm or data module is built
     from metalight.algorithms.base import EpisodicModule
@@ -102,7 +103,11 @@ def saved_run_config(checkpoint_path: Path) -> DictConfig:
             f"{saved} is missing: the run's config is restored from its run folder. Keep the checkpoint "
             "inside its run folder (logs/<task>/runs/<time>/checkpoints/), or copy the folder's .hydra/ with it."
         )
-    return OmegaConf.load(saved)
+    config = OmegaConf.load(saved)
+    overrides = saved.parent / "overrides.yaml"
+    if overrides.is_file():  # a quick experiment run with another learner: the same keys left out as when it trained
+        fit_experiment_to_learner(config, [str(item) for item in OmegaConf.load(overrides)])
+    return config
 
 
 def load_weights(algorithm: EpisodicModule, checkpoint: dict[str, Any], path: Path) -> None:

@@ -67,6 +67,7 @@ def validate_config(cfg: DictConfig) -> None:
             f"(trainer.devices x trainer.num_nodes): choose a multiple of {world}."
         )
     _check_epoch_schedules(cfg)
+    _check_partials(cfg)
     _check_task_kind(cfg)
     _check_modality(cfg)
     _check_train_mode(cfg)
@@ -143,6 +144,18 @@ def _check_epoch_schedules(cfg: DictConfig) -> None:
             raise ConfigError(
                 f"{key}={value} reaches beyond the run, which has {epochs} epochs (trainer.max_steps={steps} / "
                 f"data.batches_per_epoch={per_epoch}): set {key} to at most {epochs}, or train longer."
+            )
+
+
+def _check_partials(cfg: DictConfig) -> None:
+    """algo.optimizer / algo.scheduler keys over a learner whose own is null name no class to build (`algo=reptile algo.optimizer.lr=...`)."""
+    for name in ("optimizer", "scheduler"):
+        node = _value(cfg, f"algo.{name}")
+        if isinstance(node, DictConfig) and "_target_" not in node:
+            raise ConfigError(
+                f"algo.{name} sets {', '.join(map(str, node.keys()))} but names no class: this learner's {name} is null by default "
+                f"(its own, e.g. Reptile's SGD at algo.meta_lr). Drop the algo.{name}.* keys, or name one: "
+                f"+algo.{name}._target_=torch.optim.Adam +algo.{name}._partial_=true."
             )
 
 

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from metalight.runs.checkpoint_io import ensure_writable
 from metalight.runs.checkpoints import load_checkpoint, resolve_checkpoint
 from metalight.runs.config import validate_config
+from metalight.runs.learner_swap import command_line, fit_experiment_to_learner
 from metalight.errors import ConfigError, MetalightError
 from metalight.runs.sweep_summary import record_results, run_results
 
@@ -48,6 +49,7 @@ def _instantiate_group(group: DictConfig | None) -> list[Any]:
 
 def build_data_and_algorithm(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
     """The datamodule (not yet set up) and the algorithm with its model (seeded), from a composed config: what a trained learner needs."""
+    fit_experiment_to_learner(cfg, command_line(cfg))
     validate_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = _instantiate(cfg.data, "data", _recursive_=False)  # it builds data.train_augment itself, naming a bad entry
