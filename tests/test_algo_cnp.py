@@ -62,6 +62,36 @@ def test_the_representation_is_a_function_of_the_support_set_alone() -> None:
     assert not torch.allclose(moved.logits, first.logits)
 
 
+def test_the_representation_is_a_mean_so_a_duplicated_support_set_predicts_the_same() -> None:
+    """Garnelo et al. aggregate by the mean: each support pair twice leaves r and the predictions unchanged (a sum would double r)."""
+    torch.manual_seed(0)
+    network = CNPNetwork(encoder=[16, 16, 8], decoder=[16]).double()
+    batch = {k: v.double() for k, v in sinusoid_batch().items()}
+    sx, sy, qx = batch["support_x"], batch["support_y"], batch["query_x"]
+    twice = network(torch.cat([sx, sx], dim=1), torch.cat([sy, sy], dim=1), qx)
+    for doubled, once in zip(twice, network(sx, sy, qx)):
+        torch.testing.assert_close(doubled, once, rtol=1e-12, atol=1e-12)
+    assert network.represent(sx, sy).abs().max() > 1e-3, "the test case does not tell a mean from a sum"
+
+
+def test_glorot_init_is_the_references_and_default_is_pytorchs() -> None:
+    """init=glorot: Glorot-uniform weights (bound sqrt(6 / (fan_in + fan_out)), std bound / sqrt(3)) and zero biases, as tf.layers.dense."""
+    torch.manual_seed(0)
+    layers = [m for m in CNPNetwork().modules() if isinstance(m, torch.nn.Linear)]
+    assert len(layers) == 7  # 4 encoder, 3 decoder layers: the reference notebook's widths
+    for layer in layers:
+        fan_out, fan_in = layer.weight.shape
+        bound = math.sqrt(6.0 / (fan_in + fan_out))
+        weight = layer.weight.detach()
+        assert float(weight.abs().max()) <= bound and float(weight.abs().max()) > 0.9 * bound
+        if weight.numel() >= 1000:  # the 128-wide layers: the sample std within 5% of the uniform's
+            assert abs(float(weight.std()) / (bound / math.sqrt(3)) - 1) < 0.05
+        assert bool((layer.bias == 0).all())
+    torch.manual_seed(0)
+    default = [m for m in CNPNetwork(init="default").modules() if isinstance(m, torch.nn.Linear)]
+    assert any(bool((m.bias != 0).any()) for m in default)  # PyTorch's biases are not zero
+
+
 def test_the_nll_and_the_mse_equal_a_hand_computation() -> None:
     """A decoder set by hand (mean = x, raw std 0 -> std 0.1 + 0.9 log 2): the loss is -log N, the score the MSE of the mean."""
     network = CNPNetwork(encoder=[2], decoder=[]).double()
@@ -165,7 +195,9 @@ def test_algo_cnp_picks_its_network_and_its_experiments_compose(compose_generate
     quick, maml = compose_generated("experiment=quick_sinusoid_cnp"), compose_generated("experiment=quick_sinusoid")
     for key in ("family", "family_options", "k_shot", "k_query", "n_test_tasks", "eval_seed", "x_range", "noise_std"):
         assert quick.data[key] == maml.data[key], f"the quick runs' test tasks differ in data.{key}"
-    assert isinstance(CNP(CNPNetwork()).model, CNPNetwork) and not isinstance(CNPNetwork(), MLP)
+    assert isinstance(CNP(CNPNetwork()).model, CNPNetwork)
+    with pytest.raises(ConfigError, match="algo=cnp needs its network, model=cnp"):
+        CNP(MLP())  # another network (the gradient-based learners' MLP) is refused, not trained as a CNP
 
 
 def test_the_fits_figure_shows_one_prediction() -> None:

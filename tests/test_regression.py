@@ -90,7 +90,10 @@ def test_the_other_families_and_your_own() -> None:
     assert 10 < int(straight.sum()) < 50, "half lines, half sinusoids"
     harmonic = module(family="metalight.tasks.families.harmonic")._datasets["train"][[(0, i) for i in range(50)]]
     spread = harmonic["support_x"].amax(1) - harmonic["support_x"].amin(1)
-    assert harmonic["support_x"].abs().max() > 0 and spread.max() < 8  # inputs around a task's own mean, not uniform over x_range
+    assert spread.max() < 8  # inputs around a task's own mean, not uniform over x_range
+    centres, within = harmonic["support_x"].double().mean(1), harmonic["support_x"].double().std(1)
+    assert centres.abs().max() < 4 + 1.5 and centres.std() > 1.5  # mu ~ U[-4, 4] per task (std 2.3)
+    assert 0.7 < float(within.mean()) < 1.3  # N(mu, 1) around it
     own = module(family="test_regression.slope_family", family_options={"scale": 2.0})._datasets["train"][[(0, 0), (0, 1)]]
     ratio = own["query_y"] / own["query_x"]
     assert torch.allclose(ratio, ratio[:, :1], atol=1e-5) and ratio.abs().max() <= 2.0
