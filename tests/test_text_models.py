@@ -214,12 +214,10 @@ def intents_file(tmp_path_factory: pytest.TempPathFactory):
     return path
 
 
-@pytest.mark.parametrize("learner", sorted(TEXT_LEARNERS))
-@pytest.mark.parametrize("model", ["text_bag", "text_cnn"])
+# text_cnn: a metric learner and an inner-loop one (its convolutions take the loop path) are enough
+@pytest.mark.parametrize("model, learner", [("text_bag", learner) for learner in sorted(TEXT_LEARNERS)] + [("text_cnn", "protonet"), ("text_cnn", "maml")])
 def test_every_classification_learner_runs_text_episodes(compose_train, intents_file, learner, model):
     """debug=fast_dev_run on data=text (4/2/2 intents): one training step (a flat batch for Baseline), one validation and one test batch."""
-    if model == "text_cnn" and learner not in ("protonet", "maml"):
-        pytest.skip("text_cnn: a metric learner and an inner-loop one (its convolutions take the loop path) are enough")
     algo = "baseline" if learner == "baselinepp" else learner
     cfg = compose_train(
         "data=text", f"model={model}", f"algo={algo}", "debug=fast_dev_run", "logger=csv", f"data.root={intents_file}",
