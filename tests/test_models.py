@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from metalight.errors import ConfigError
-from metalight.models import Conv4
+from metalight.models import MLP, Conv4
+from metalight.algorithms import RelationNet
+from metalight.models.conv4_relation import Conv4Relation
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -91,3 +93,31 @@ def test_conv4_rejects_bad_config(kwargs, message):
     arguments = {"in_channels": 1, "n_way": 5, "image_size": 28} | kwargs
     with pytest.raises(ConfigError, match=message):
         Conv4(**arguments)
+
+
+def test_finn_init_is_cbfinn_mamls_truncated_normal():
+    """model.init=finn: weights N(0, 0.01) truncated at two standard deviations (std 0.0088 after truncation), zero biases."""
+    torch.manual_seed(0)
+    layers = [m for m in MLP(1, 1, hidden=(40, 40), init="finn").modules() if isinstance(m, torch.nn.Linear)]
+    assert len(layers) == 3
+    for layer in layers:
+        assert float(layer.weight.abs().max()) <= 0.02 and bool((layer.bias == 0).all())
+    hidden = layers[1].weight.detach()  # 1,600 draws
+    assert abs(float(hidden.std()) / 0.0088 - 1) < 0.1 and abs(float(hidden.mean())) < 0.001
+    torch.manual_seed(0)
+    assert float(MLP(1, 1, hidden=(40, 40), init="default").features[2].weight.std()) > 0.05  # PyTorch's: 1/sqrt(3 * 40)
+
+
+def test_sung_init_is_their_weights_init():
+    """Relation module: conv N(0, sqrt(2 / (9 * out))) and zero bias, BatchNorm 1 / 0, linear N(0, 0.01) with bias 1."""
+    torch.manual_seed(0)
+    relation = RelationNet(Conv4Relation(1, 5, image_size=28)).model.relation  # algo.init=sung, the default
+    convs = [m for m in relation.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 2
+    for conv in convs:
+        expected = math.sqrt(2.0 / (9 * conv.out_channels))
+        assert abs(float(conv.weight.std()) / expected - 1) < 0.05 and bool((conv.bias == 0).all())
+    norms = [m for m in relation.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(norms) == 2 and all(bool((m.weight == 1).all() and (m.bias == 0).all()) for m in norms)
+    assert abs(float(relation.fc1.weight.std()) / 0.01 - 1) < 0.1  # 64 x 8 draws
+    assert bool((relation.fc1.bias == 1).all() and (relation.fc2.bias == 1).all())
