@@ -201,8 +201,10 @@ def test_bad_settings_are_refused() -> None:
         (["model=gaussian_mlp"], "needs a recurrent Gaussian policy (step, initial_state) whose state carries a trial, but GaussianMLP is none: use model=gaussian_gru"),
         (["model.in_features=4"], "the policy has model.in_features=4 but data.env=navigation2d needs 2: set model.in_features=2"),
         (["algo.clip=0"], "algo.clip=0 is not valid"),
+        # the quick protocol's GRU width given to an MLP policy
+        (["experiment=quick_navigation2d_rl2", "model=gaussian_mlp"], "model.hidden=32 must be a list of layer widths"),
     ],
 )
 def test_bad_input_is_one_line_status_2_and_nothing_written(compose_generated, tmp_path, caplog, overrides, expected) -> None:
-    cfg = compose_generated("experiment=quick_navigation2d_rl2", *overrides)
+    cfg = compose_generated("experiment=navigation2d_rl2", *overrides)
     assert_stops_with_one_line(cfg, caplog, tmp_path / "run", expected)

@@ -30,6 +30,8 @@ class GaussianMLP(nn.Module):
         min_std: float = 1e-6,
     ) -> None:
         super().__init__()
+        if not isinstance(hidden, Sequence) or isinstance(hidden, str):
+            raise ConfigError(f"model.hidden={hidden!r} must be a list of layer widths, e.g. [100, 100].")
         widths = [in_features, *hidden, out_features]
         for value in widths:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
