@@ -162,3 +162,12 @@ def test_regression_data_stops_with_one_line(compose_generated, capsys, caplog):
     assert stopped.value.code == 2
     printed = {line for line in (capsys.readouterr().err + caplog.text).splitlines() if "Error" in line}
     assert len(printed) == 1 and "algo=RelationNet learns classification tasks only" in printed.pop()
+
+
+@pytest.mark.parametrize("experiment", ["relationnet_omniglot_5w1s", "relationnet_omniglot_20w5s", "relationnet_miniimagenet_5w5s"])
+def test_the_composed_protocols_clip_and_decay_as_theirs(compose_generated, experiment):
+    """floodsung/LearningToCompare_FSL as the protocol files compose it: Adam 1e-3 halved every 100,000 episodes (StepLR), gradient norm clipped at 0.5."""
+    algo = compose_generated(f"experiment={experiment}").algo
+    assert algo.gradient_clip_val == 0.5 and algo.optimizer._target_ == "torch.optim.Adam" and algo.optimizer.lr == 0.001
+    assert algo.scheduler._target_ == "torch.optim.lr_scheduler.StepLR" and (algo.scheduler.step_size, algo.scheduler.gamma) == (100000, 0.5)
+    assert algo.init == "sung" and algo.embed == "joint" and algo.relation_running_stats is False

@@ -44,9 +44,11 @@ def module(**options) -> RegressionDataModule:
     return datamodule
 
 
-def test_sinusoid_tasks_are_finn_et_als() -> None:
-    """Each task is A sin(x - b) with A in [0.1, 5], b in [0, pi], x in [-5, 5]; support then query points."""
-    datamodule = module()
+def test_sinusoid_tasks_are_finn_et_als(compose_generated) -> None:
+    """The tasks conf/data/sinusoid.yaml composes (in the protocol sinusoid_finn): A sin(x - b) with A in [0.1, 5], b in [0, pi], x in [-5, 5]; support then query points."""
+    cfg = compose_generated("experiment=sinusoid_finn", "data.k_shot=5", "data.k_query=7")
+    datamodule = instantiate(cfg.data, _recursive_=False)
+    datamodule.setup()
     batch = datamodule._datasets["train"][[(0, i) for i in range(40)]]
     assert batch["support_x"].shape == (40, 5, 1) and batch["query_y"].shape == (40, 7, 1)
     x = torch.cat([batch["support_x"], batch["query_x"]], 1).double()[..., 0]
@@ -59,6 +61,20 @@ def test_sinusoid_tasks_are_finn_et_als() -> None:
     torch.testing.assert_close(torch.einsum("bnk,bk->bn", basis, c), y, atol=1e-5, rtol=0)
     assert amplitude.min() >= 0.1 - 1e-4 and amplitude.max() <= 5 + 1e-4 and amplitude.std() > 0.5
     assert phase.min() >= -1e-4 and phase.max() <= math.pi + 1e-4
+
+
+@pytest.mark.parametrize("experiment", ["sinusoid_finn", "maml_sinusoid", "pretrained_sinusoid", "quick_sinusoid"])
+def test_the_composed_protocol_is_finn_et_als(compose_generated, experiment) -> None:
+    """Finn et al. 2017 §5.1 / cbfinn/maml as the protocol files compose it, not as Python defaults: a typo in conf/ fails here."""
+    cfg = compose_generated(f"experiment={experiment}")
+    data, model, algo = cfg.data, cfg.model, cfg.algo
+    assert data.family == SINUSOID and list(data.family_options.amplitude) == [0.1, 5.0] and list(data.x_range) == [-5.0, 5.0]
+    assert list(data.family_options.phase) == pytest.approx([0.0, math.pi]) and data.noise_std == 0.0
+    assert (data.k_shot, data.k_query, data.meta_batch_size, data.n_test_tasks) == (10, 10, 25, 600)
+    assert model._target_ == "metalight.models.MLP" and list(model.hidden) == [40, 40] and model.activation == "relu" and model.init == "finn"
+    assert (algo.inner_lr, algo.eval_inner_steps, algo.optimizer.lr) == (0.01, 10, 0.001) and algo.optimizer._target_ == "torch.optim.Adam"
+    assert algo.inner_steps == (0 if experiment == "pretrained_sinusoid" else 1)
+    assert cfg.trainer.max_steps == (6000 if experiment == "quick_sinusoid" else 70000)
 
 
 def test_tasks_are_a_function_of_seed_epoch_and_index_and_ranks_share_them() -> None:
