@@ -114,6 +114,11 @@ class MatchingNet(MetricLearner):
     (the matchingnet_* protocols) evaluation runs in eval mode, inductive (oscarknagg's model.eval());
     otherwise `transductive` chooses one batch for support and queries or each query with the support set.
     Logits (eval.py, FewShotLearner) are the log-probabilities.
+    Differences from oscarknagg/few-shot, declared (RESULTS.md's differences table): theirs clips the gradient
+    norm at 1 after every episode (few_shot/matching.py) and halves the LR when the validation accuracy has not
+    improved for 20 epochs of 100 episodes (experiments/matching_nets.py: ReduceLROnPlateau(patience=20,
+    factor=0.5)); ours clips only with algo.gradient_clip_val=1.0 (null in the protocols, whose RESULTS rows
+    were trained so) and keeps the LR constant (no plateau scheduler).
     """
 
 
