@@ -1,4 +1,4 @@
-"""Regression tasks as pictures (Finn et al. 2017, Fig. 2): fits before and after adaptation, and the MSE per inner step."""
+"""Regression tasks as pictures: fits before and after adaptation (Finn et al. 2017, Fig. 2), and the MSE per inner step (Fig. 3, Appendix Fig. 6)."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def plot_fits(fits: dict[str, Tensor], grid: np.ndarray, steps: Sequence[int] = 
 
 
 def plot_mse_per_step(values: Sequence[float], ax: Any = None, label: str = "validation") -> Any:
-    """The query MSE after 0, 1, ... inner steps (Finn et al. Fig. 2, right) on a matplotlib Axes; the figure."""
+    """The query MSE after 0, 1, ... inner steps (Finn et al. Fig. 3) on a matplotlib Axes; the figure."""
     import matplotlib.pyplot as plt
 
     if ax is None:
@@ -82,9 +82,9 @@ class RegressionFits(Callback):
     """At every validation, log the fits of the first `n_tasks` fixed validation tasks and the MSE per inner step to TensorBoard.
 
     `val_regression/fits`: for each task its true function, its support points and the predictions
-    before adaptation and after `steps` inner steps (Finn et al. 2017, Fig. 2, left), adapted exactly as
-    validation adapts them. `val_regression/mse_per_step`: val/mse after 0, 1, ... inner steps (Fig. 2,
-    right). Rank 0 with a TensorBoardLogger only; nothing for tasks that are not regression.
+    before adaptation and after `steps` inner steps (Finn et al. 2017, Fig. 2), adapted exactly as
+    validation adapts them. `val_regression/mse_per_step`: val/mse after 0, 1, ... inner steps (Fig. 3).
+    Rank 0 with a TensorBoardLogger only; nothing for tasks that are not regression.
     """
 
     def __init__(self, n_tasks: int = 3, steps: Sequence[int] = (0, 1, 10), grid_points: int = 200) -> None:
@@ -119,6 +119,6 @@ class RegressionFits(Callback):
         """Say where the figures are, once training is over."""
         if self.logged_to:
             log.info(
-                "Regression figures (Finn et al. Fig. 2): TensorBoard's Images tab, val_regression/fits and val_regression/mse_per_step, "
+                "Regression figures (Finn et al. Figs. 2 and 3): TensorBoard's Images tab, val_regression/fits and val_regression/mse_per_step, "
                 "in %s (tensorboard --logdir %s)", self.logged_to, self.logged_to,
             )
