@@ -10,6 +10,7 @@ from hydra.utils import get_class
 from omegaconf import OmegaConf
 
 from metalight.errors import MetalightError
+from metalight.runs.checkpoints import saved_run_config
 from metalight.runs.learner_swap import fit_experiment_to_learner
 from metalight.runs.training import build_data_and_algorithm
 from metalight.tasks.kinds import KINDS
@@ -100,3 +101,7 @@ def test_quick_sinusoid_runs_with_reptile(train_py_in_process, tmp_path):
     )
     assert status == 0, output[-2000:]
     assert "left out algo.optimizer" in output
+    # eval.py and FewShotLearner rebuild the run from its folder: the same keys are left out again
+    checkpoint = next((tmp_path / "logs").glob("quick_sinusoid/runs/*/checkpoints/last.ckpt"))
+    _, algorithm = build_data_and_algorithm(saved_run_config(checkpoint))
+    assert type(algorithm).__name__ == "Reptile"
