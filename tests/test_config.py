@@ -14,12 +14,12 @@ from metalight.runs.training import build, train
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # image data sets, the image networks and the learners that take images; the regression families, model=mlp:
 # test_regression.py; algo=cnp and its model=cnp (regression only): test_algo_cnp.py; algo=maml_rl and its
-# model=gaussian_mlp (RL only): test_rl.py; the text encoders (model=text_bag, text_cnn): test_text_models.py
-ALGOS = sorted(p.stem for p in (CONF / "algo").glob("*.yaml") if not any(t in p.read_text() for t in ("metalight.algorithms.CNP", "metalight.algorithms.MAMLRL")))
+# model=gaussian_mlp and gaussian_gru (RL only): test_rl.py, test_rl2.py; the text encoders (model=text_bag, text_cnn): test_text_models.py
+ALGOS = sorted(p.stem for p in (CONF / "algo").glob("*.yaml") if not any(t in p.read_text() for t in ("metalight.algorithms.CNP", "metalight.algorithms.MAMLRL", "metalight.algorithms.RL2")))
 DATASETS = sorted(p.stem for p in (CONF / "data").glob("*.yaml") if "metalight.data.FewShotDataModule" in p.read_text())
 MODELS = sorted(
     p.stem for p in (CONF / "model").glob("*.yaml")
-    if not any(t in p.read_text() for t in ("metalight.models.MLP", "metalight.models.CNPNetwork", "metalight.models.GaussianMLP", "metalight.text."))
+    if not any(t in p.read_text() for t in ("metalight.models.MLP", "metalight.models.CNPNetwork", "metalight.models.GaussianMLP", "metalight.models.GaussianGRU", "metalight.text."))
 )
 _NODES: dict[tuple[str, str], dict] = {}
 # options built at test sizes: the one data set without a default location, and the large networks (the full
@@ -81,7 +81,7 @@ def test_bad_values_name_the_key(compose_train, override, key):
     [
         (["algo=maml", "data.n_way_train=20"], r"training tasks are 20-way \(data.n_way_train\) but the model's head has 5 outputs"),
         (["algo=reptile", "data.n_way_train=3"], "only algo=protonet trains with other ways"),
-        (["experiment=quick_omniglot", "algo=protonet"], r"algo.inner_lr is not an option of metalight.algorithms.ProtoNet"),
+        (["algo=protonet", "+algo.inner_lr=0.1"], r"algo.inner_lr is not an option of metalight.algorithms.ProtoNet"),
         (["algo=mamlpp", "algo.msl_epochs=30", "trainer.max_steps=1000", "data.batches_per_epoch=100"], "algo.msl_epochs=30 reaches beyond the run, which has 10 epochs"),
         (["algo=mamlpp", "algo.da=true", "algo.da_epochs=11", "trainer.max_steps=1000", "data.batches_per_epoch=100"], "algo.da_epochs=11"),
         (["algo=metasgd", "algo.inner_lr=5"], "algo.inner_lr=5 is not a sane initial learned step size"),

@@ -12,7 +12,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 # image data sets (FewShotDataModule); the regression families (RegressionDataModule) are tested in test_regression.py
 DATA = sorted(p.stem for p in (CONF / "data").glob("*.yaml") if "metalight.data.FewShotDataModule" in p.read_text())
 # learners that take images (algo=cnp learns regression tasks only: test_algo_cnp.py; algo=maml_rl RL tasks only: test_rl.py)
-ALGOS = sorted(p.stem for p in (CONF / "algo").glob("*.yaml") if not any(t in p.read_text() for t in ("metalight.algorithms.CNP", "metalight.algorithms.MAMLRL")))
+ALGOS = sorted(p.stem for p in (CONF / "algo").glob("*.yaml") if not any(t in p.read_text() for t in ("metalight.algorithms.CNP", "metalight.algorithms.MAMLRL", "metalight.algorithms.RL2")))
 
 
 def test_every_data_set_has_a_config() -> None:

@@ -260,7 +260,7 @@ def test_a_custom_family_in_one_line_and_its_learner_api(compose_generated, tmp_
     from metalight.apply.prediction import predict
 
     request = OmegaConf.create({"ckpt_path": str(run), "device": "cpu", "paths": {"log_dir": str(tmp_path)}, "support": "any", "query": "any"})
-    with pytest.raises(ConfigError, match="predict.py classifies images, but .* learned regression tasks"):
+    with pytest.raises(ConfigError, match="predict.py classifies images or texts, but .* learned regression tasks"):
         predict(request)
 
 
