@@ -25,7 +25,7 @@ the raw meta-step (`"path": "lightning"`, `lightning_overhead` = extra time per 
   what training_step computes on a step whose train metrics are not logged (query accuracy before
   adaptation is then skipped; see EpisodicModule._logging_this_step), less its finite check, clipping
   and logging, which the "lightning" line measures. Reptile's compute_meta_gradient all-reduces through
-  a trainer's strategy, so its step is written here from metalight.algorithms.functional, as Reptile
+  a trainer's strategy, so its step is written here from metalight.algorithms.optimization.functional, as Reptile
   computes it on one process.
 * Inner loops: the case's inner LR and steps for every gradient-based learner, Meta-SGD (whose paper
   takes one step; its step sizes start at the inner LR) and MAML++ included, so that the rows of a case
@@ -69,7 +69,7 @@ from torch import Tensor, nn
 
 from metalight.algorithms import ANIL, MAML, EpisodicModule, MAMLpp, MetaSGD, ProtoNet
 from metalight.algorithms.base import OptimizerFactory
-from metalight.algorithms.functional import InnerLoop, make_task_fn, run_tasks, split_state
+from metalight.algorithms.optimization.functional import InnerLoop, make_task_fn, run_tasks, split_state
 from metalight.models import MLP, Conv4, ResNet12
 from metalight.tasks.kinds import CLASSIFICATION, REGRESSION
 from metalight.text.encoders import TextBag

@@ -19,7 +19,7 @@ import json
 import torch
 
 from metalight.algorithms import MAMLRL
-from metalight.algorithms.policy_gradient import sample_rollouts
+from metalight.algorithms.rl.policy_gradient import sample_rollouts
 from metalight.models import GaussianMLP
 from metalight.tasks import RLDataModule
 

@@ -6,8 +6,8 @@ import torch
 from algo_tasks import make_batch, make_trainer, tiny_conv4
 
 from metalight.algorithms import Baseline
-from metalight.algorithms.heads import FitRecipe, fit_heads, fit_logistic
-from metalight.algorithms.reptile import task_generator
+from metalight.algorithms.baselines.heads import FitRecipe, fit_heads, fit_logistic
+from metalight.algorithms.optimization.reptile import task_generator
 from metalight.errors import ConfigError
 from metalight.runs.training import build, train
 from synthetic_data import write_folder

@@ -13,7 +13,7 @@ import torch
 from omegaconf import OmegaConf
 
 from metalight.algorithms import CNP
-from metalight.algorithms.cnp import gaussian_nll
+from metalight.algorithms.model_based.cnp import gaussian_nll
 from metalight.errors import ConfigError
 from metalight.models import MLP, CNPNetwork
 from metalight.runs import cli

@@ -19,8 +19,8 @@ from reptile_reference import reference_reptile
 from trained_runs import write_utterances
 
 from metalight.algorithms import ANIL, MAML, MAMLpp, MetaSGD, ProtoNet, Reptile
-from metalight.algorithms.functional import minibatch_indices
-from metalight.algorithms.reptile import task_generator
+from metalight.algorithms.optimization.functional import minibatch_indices
+from metalight.algorithms.optimization.reptile import task_generator
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

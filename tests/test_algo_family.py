@@ -15,8 +15,8 @@ from algo_tasks import TrainStream, loader, make_batch, make_trainer, tiny_conv4
 from torch import nn
 
 from metalight.algorithms import ANIL, MAML, MAMLpp, MetaSGD
-from metalight.algorithms.functional import make_task_fn, run_tasks, split_state
-from metalight.algorithms.mamlpp import msl_weights
+from metalight.algorithms.optimization.functional import make_task_fn, run_tasks, split_state
+from metalight.algorithms.optimization.mamlpp import msl_weights
 from metalight.errors import ConfigError
 from metalight.models.step_norm import StepBatchNorm2d, inner_step, recording_batch_statistics
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from algo_tasks import make_batch, tiny_conv4
 from torch import Tensor, nn
 
-from metalight.algorithms.functional import (
+from metalight.algorithms.optimization.functional import (
     InnerLoop,
     loop_meta_gradient,
     make_task_fn,

@@ -12,7 +12,7 @@ from algo_tasks import EvalTasks, TrainStream, loader, make_batch, make_trainer,
 from test_algo_functional import reference_maml_gradient
 
 from metalight.algorithms import MAML, NonFiniteMetaStepError
-from metalight.algorithms.functional import InnerLoop, make_task_fn, run_tasks, split_state
+from metalight.algorithms.optimization.functional import InnerLoop, make_task_fn, run_tasks, split_state
 from metalight.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -12,8 +12,8 @@ from algo_tasks import EvalTasks, TrainStream, loader, make_batch, make_trainer,
 from torch import nn
 
 from metalight.algorithms import MatchingNet
-from metalight.algorithms.functional import run_tasks, split_state
-from metalight.algorithms.matchingnet import FullContextEmbedding, cosine_attention, matching_log_probs
+from metalight.algorithms.optimization.functional import run_tasks, split_state
+from metalight.algorithms.metric.matchingnet import FullContextEmbedding, cosine_attention, matching_log_probs
 from metalight.errors import ConfigError
 from metalight.runs import cli
 from metalight.runs.training import train

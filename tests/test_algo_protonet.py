@@ -10,7 +10,7 @@ from algo_tasks import EvalTasks, TrainStream, loader, make_batch, make_trainer,
 from torch import nn
 
 from metalight.algorithms import ProtoNet
-from metalight.algorithms.functional import run_tasks, split_state
+from metalight.algorithms.optimization.functional import run_tasks, split_state
 from metalight.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from algo_tasks import make_batch, tiny_conv4
 
 from metalight.algorithms import ProtoNet
-from metalight.algorithms.finetune import augment, finetune_and_score, translate
-from metalight.algorithms.protonet import negative_squared_distances, prototypes
-from metalight.algorithms.reptile import task_generator
+from metalight.algorithms.metric.finetune import augment, finetune_and_score, translate
+from metalight.algorithms.metric.protonet import negative_squared_distances, prototypes
+from metalight.algorithms.optimization.reptile import task_generator
 from metalight.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -95,7 +95,7 @@ def test_pseudo_queries_are_augmented_nine_times_in_ten_and_mirrored_half_of_tho
 
 
 def test_every_step_scores_augmented_pseudo_queries(monkeypatch):
-    import metalight.algorithms.finetune as finetune
+    import metalight.algorithms.metric.finetune as finetune
 
     seen = []
     monkeypatch.setattr(finetune, "augment", lambda images, generator: seen.append(images) or images.flip(-1))

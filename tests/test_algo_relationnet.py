@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from algo_tasks import EvalTasks, TrainStream, loader, make_batch, make_trainer, tiny_conv4
 
 from metalight.algorithms import RelationNet
-from metalight.algorithms.functional import run_tasks, split_state
-from metalight.algorithms.relationnet import relation_pairs
+from metalight.algorithms.optimization.functional import run_tasks, split_state
+from metalight.algorithms.metric.relationnet import relation_pairs
 from metalight.errors import ConfigError
 from metalight.models.conv4_relation import Conv4Relation
 from metalight.runs import cli

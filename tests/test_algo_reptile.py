@@ -13,9 +13,9 @@ from omegaconf import OmegaConf
 from reptile_reference import adapt_task, reference_reptile
 
 from metalight.algorithms import Reptile
-from metalight.algorithms.functional import minibatch_indices
-from metalight.algorithms import reptile as reptile_module
-from metalight.algorithms.reptile import task_generator
+from metalight.algorithms.optimization.functional import minibatch_indices
+from metalight.algorithms.optimization import reptile as reptile_module
+from metalight.algorithms.optimization.reptile import task_generator
 from metalight.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

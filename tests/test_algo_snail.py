@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 
 from metalight.algorithms import SNAIL
-from metalight.algorithms.functional import run_tasks, split_state
+from metalight.algorithms.optimization.functional import run_tasks, split_state
 from metalight.errors import ConfigError
 from metalight.models.snail import SNAILNet, tc_dilations
 from metalight.runs.training import train

@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf, open_dict
 from test_algo_functional import meta_gradient, meta_objective
 
-from metalight.algorithms.functional import InnerLoop
+from metalight.algorithms.optimization.functional import InnerLoop
 from metalight.runs.checkpoints import load_checkpoint
 from metalight.apply.evaluation import evaluate
 from metalight.models import Conv4

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from algo_tasks import make_batch
 
 from metalight.algorithms import MAML
-from metalight.algorithms.functional import make_task_fn, run_tasks, split_state
+from metalight.algorithms.optimization.functional import make_task_fn, run_tasks, split_state
 from metalight.errors import ConfigError
 from metalight.models import ResNet12
 from metalight.models.resnet12 import DropBlock

@@ -12,7 +12,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from metalight.algorithms.functional import InnerLoop, make_task_fn, run_tasks, split_state
+from metalight.algorithms.optimization.functional import InnerLoop, make_task_fn, run_tasks, split_state
 from metalight.errors import ConfigError
 from metalight.models import MLP
 from algo_tasks import assert_stops_with_one_line

@@ -11,8 +11,8 @@ import torch
 pytest.importorskip("gymnasium", reason="the `rl` extra (pip install -e '.[rl]') is not installed")
 
 from metalight.algorithms import MAMLPPO, MAMLRL  # noqa: E402
-from metalight.algorithms.maml_ppo import clipped_ratio  # noqa: E402
-from metalight.algorithms.policy_gradient import (  # noqa: E402
+from metalight.algorithms.rl.maml_ppo import clipped_ratio  # noqa: E402
+from metalight.algorithms.rl.policy_gradient import (  # noqa: E402
     Rollouts,
     baseline_features,
     discounted_returns,
@@ -20,7 +20,7 @@ from metalight.algorithms.policy_gradient import (  # noqa: E402
     gae,
     gaussian_log_prob,
 )
-from metalight.algorithms.trpo import TRPO, conjugate_gradient  # noqa: E402
+from metalight.algorithms.rl.trpo import TRPO, conjugate_gradient  # noqa: E402
 from metalight.models import GaussianMLP  # noqa: E402
 from algo_tasks import assert_stops_with_one_line  # noqa: E402
 from metalight.runs.training import train  # noqa: E402

@@ -10,8 +10,8 @@ pytest.importorskip("gymnasium", reason="the `rl` extra (pip install -e '.[rl]')
 
 from algo_tasks import assert_stops_with_one_line  # noqa: E402
 from metalight.algorithms import RL2  # noqa: E402
-from metalight.algorithms.policy_gradient import Rollouts  # noqa: E402
-from metalight.algorithms.rl2 import flatten_trials, trial_inputs  # noqa: E402
+from metalight.algorithms.rl.policy_gradient import Rollouts  # noqa: E402
+from metalight.algorithms.model_based.rl2 import flatten_trials, trial_inputs  # noqa: E402
 from metalight.errors import ConfigError  # noqa: E402
 from metalight.models import GaussianGRU, GaussianMLP  # noqa: E402
 from metalight.runs.training import train  # noqa: E402
@@ -136,7 +136,7 @@ def test_gradients_flow_through_the_whole_trial_and_match_finite_differences() -
 
 def test_a_meta_steps_gradient_is_the_policy_gradient_of_whole_trials_with_advantages_across_episodes() -> None:
     """At the weights that sampled, PPO's first epoch is -mean(log pi * A) of the whole trials, A = GAE discounted across the episodes' boundaries."""
-    from metalight.algorithms.policy_gradient import advantages, discounted_returns
+    from metalight.algorithms.rl.policy_gradient import advantages, discounted_returns
 
     algorithm, datamodule = _learner(torch.float64, epochs=1)
     algorithm.manual_backward = lambda loss, *args, **kwargs: loss.backward(*args, **kwargs)  # no Trainer: a plain backward

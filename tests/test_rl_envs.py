@@ -14,7 +14,7 @@ pytest.importorskip("mujoco", reason="the `rl` extra (pip install -e '.[rl]') is
 from metalight.errors import ConfigError  # noqa: E402
 from metalight.runs.training import train  # noqa: E402
 from metalight.tasks.halfcheetah import HalfCheetahDirection, HalfCheetahVelocity  # noqa: E402
-from metalight.algorithms.policy_gradient import sample_rollouts  # noqa: E402
+from metalight.algorithms.rl.policy_gradient import sample_rollouts  # noqa: E402
 from metalight.tasks.rl import RLDataModule  # noqa: E402
 
 
@@ -145,7 +145,7 @@ def test_rllab_convention_observes_and_rewards_the_centre_of_mass_after_the_step
 
 
 def test_linear_baseline_features_clip_observations_at_10_as_rllab() -> None:
-    from metalight.algorithms.policy_gradient import baseline_features
+    from metalight.algorithms.rl.policy_gradient import baseline_features
 
     observations = torch.tensor([[[-25.0, 3.0], [12.0, -10.0]]])
     features = baseline_features(observations, torch.ones(1, 2))

@@ -74,7 +74,7 @@ def test_videos_show_the_tests_own_episodes_before_and_after_adaptation(egl, che
     those of the task's first rollout (its start state is that copy's), and its return that episode's (the distance it ran, less at most
     the control cost)."""
     from metalight.apply import evaluation
-    from metalight.algorithms.policy_gradient import start_seeds
+    from metalight.algorithms.rl.policy_gradient import start_seeds
     from metalight.tasks.halfcheetah import HalfCheetahDirection
     from metalight.tasks.rl import RLDataModule
 

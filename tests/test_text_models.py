@@ -13,7 +13,7 @@ from algo_tasks import loader, make_trainer
 from test_algo_functional import clone_with
 
 from metalight.algorithms import ANIL, MAML, MAMLpp, MetaSGD, Reptile
-from metalight.algorithms.functional import InnerLoop, inner_weights, make_task_fn, run_tasks, split_state
+from metalight.algorithms.optimization.functional import InnerLoop, inner_weights, make_task_fn, run_tasks, split_state
 from metalight.errors import ConfigError
 from metalight.runs.training import train
 from metalight.text.encoders import TABLE, TextBag, TextCNN

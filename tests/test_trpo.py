@@ -1,4 +1,4 @@
-"""TRPO's outer step (algorithms/trpo.py) and the Gaussian policy's log-likelihood and KL (algorithms/policy_gradient.py), on a tiny policy in float64.
+"""TRPO's outer step (algorithms/rl/trpo.py) and the Gaussian policy's log-likelihood and KL (algorithms/rl/policy_gradient.py), on a tiny policy in float64.
 
 References: torch.distributions for the Gaussian, an explicit Fisher (the policy's Jacobians, and the exact
 Hessian of the KL) for the Fisher-vector product, and a step computed here from that explicit matrix for the
@@ -12,8 +12,8 @@ import torch
 from torch.distributions import Independent, Normal, kl_divergence
 from torch.func import functional_call, jacrev
 
-from metalight.algorithms.policy_gradient import gaussian_kl, gaussian_log_prob
-from metalight.algorithms.trpo import TRPO, TrustRegionProblem, fisher_vector_product
+from metalight.algorithms.rl.policy_gradient import gaussian_kl, gaussian_log_prob
+from metalight.algorithms.rl.trpo import TRPO, TrustRegionProblem, fisher_vector_product
 from metalight.models import GaussianMLP
 
 

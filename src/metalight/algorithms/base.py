@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from metalight.algorithms.functional import (
+from metalight.algorithms.optimization.functional import (
     InnerLoop,
     TaskOutcome,
     TaskPath,

@@ -10,11 +10,11 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metalight.algorithms.base import OptimizerFactory, SchedulerFactory, outcome_of_logits, require_features_and_head
-from metalight.algorithms.metric import MetricLearner, embed_task
-from metalight.algorithms.finetune import finetune_and_score
-from metalight.algorithms.functional import Params, TaskOutcome, split_state
+from metalight.algorithms.metric.learner import MetricLearner, embed_task
+from metalight.algorithms.metric.finetune import finetune_and_score
+from metalight.algorithms.optimization.functional import Params, TaskOutcome, split_state
 from metalight.tasks.kinds import accuracy
-from metalight.algorithms.reptile import task_generator
+from metalight.algorithms.optimization.reptile import task_generator
 from metalight.errors import ConfigError
 
 

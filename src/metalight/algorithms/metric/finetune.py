@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metalight.algorithms.functional import split_state
+from metalight.algorithms.optimization.functional import split_state
 
 # (support embeddings [S, D], support labels [S], query embeddings [Q, D]) -> logits [Q, N]
 Classifier = Callable[[Tensor, Tensor, Tensor], Tensor]

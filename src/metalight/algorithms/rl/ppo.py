@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from metalight.errors import ConfigError
-from metalight.algorithms.trpo import TRPO
+from metalight.algorithms.rl.trpo import TRPO
 
 
 def clipped_ratio(ratio: Tensor, advantage: Tensor, clip: float) -> Tensor:

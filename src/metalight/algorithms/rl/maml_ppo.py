@@ -35,10 +35,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from metalight.algorithms.functional import Params, TaskOutcome, split_state
-from metalight.algorithms.maml_rl import MAMLRL
-from metalight.algorithms.policy_gradient import Rollouts, gaussian_log_prob
-from metalight.algorithms.ppo import EpochSteps, check_ppo_settings, clipped_losses, clipped_ratio
+from metalight.algorithms.optimization.functional import Params, TaskOutcome, split_state
+from metalight.algorithms.rl.maml_rl import MAMLRL
+from metalight.algorithms.rl.policy_gradient import Rollouts, gaussian_log_prob
+from metalight.algorithms.rl.ppo import EpochSteps, check_ppo_settings, clipped_losses, clipped_ratio
 
 __all__ = ["MAMLPPO", "clipped_ratio"]
 

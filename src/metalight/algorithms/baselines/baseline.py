@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metalight.algorithms.base import EpisodicModule, OptimizerFactory, SchedulerFactory, outcome_of_logits, require_features_and_head
-from metalight.algorithms.functional import TaskOutcome
+from metalight.algorithms.optimization.functional import TaskOutcome
 from metalight.tasks.kinds import accuracy
-from metalight.algorithms.heads import FEATURES, HEADS, FitRecipe, fit_heads, fit_logistic, pretraining_classifier
-from metalight.algorithms.reptile import task_generator
+from metalight.algorithms.baselines.heads import FEATURES, HEADS, FitRecipe, fit_heads, fit_logistic, pretraining_classifier
+from metalight.algorithms.optimization.reptile import task_generator
 from metalight.errors import ConfigError
 
 

@@ -25,9 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from metalight.algorithms.base import OptimizerFactory, SchedulerFactory
-from metalight.algorithms.functional import InnerLoop, TaskOutcome, split_state
-from metalight.algorithms.maml import MAML
-from metalight.algorithms.step_sizes import LearnedStepSizes
+from metalight.algorithms.optimization.functional import InnerLoop, TaskOutcome, split_state
+from metalight.algorithms.optimization.maml import MAML
+from metalight.algorithms.optimization.step_sizes import LearnedStepSizes
 from metalight.errors import ConfigError
 from metalight.models.step_norm import StepBatchNorm2d, use_step_batch_norm
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from metalight.algorithms.base import EpisodicModule, OptimizerFactory
-from metalight.algorithms.functional import (
+from metalight.algorithms.optimization.functional import (
     InnerLoop,
     InnerState,
     TaskOutcome,

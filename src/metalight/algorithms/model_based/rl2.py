@@ -34,9 +34,9 @@ import torch
 from torch import Tensor, nn
 
 from metalight.algorithms.base import EpisodicModule, OptimizerFactory, SchedulerFactory
-from metalight.algorithms.functional import TaskOutcome
-from metalight.algorithms.policy_gradient import Rollouts, advantages, check_discounts, gaussian_log_prob, sample_rollouts
-from metalight.algorithms.ppo import EpochSteps, check_ppo_settings, clipped_losses
+from metalight.algorithms.optimization.functional import TaskOutcome
+from metalight.algorithms.rl.policy_gradient import Rollouts, advantages, check_discounts, gaussian_log_prob, sample_rollouts
+from metalight.algorithms.rl.ppo import EpochSteps, check_ppo_settings, clipped_losses
 from metalight.errors import ConfigError
 from metalight.tasks.kinds import TaskKind
 from metalight.tasks.rl import TaskEnvironment

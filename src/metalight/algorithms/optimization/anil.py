@@ -7,7 +7,7 @@ from typing import Any
 from torch import nn
 
 from metalight.algorithms.base import require_features_and_head
-from metalight.algorithms.maml import MAML
+from metalight.algorithms.optimization.maml import MAML
 
 
 class ANIL(MAML):

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from metalight.algorithms.base import EpisodicModule, OptimizerFactory, SchedulerFactory
-from metalight.algorithms.functional import TaskOutcome
+from metalight.algorithms.optimization.functional import TaskOutcome
 from metalight.errors import ConfigError
 from metalight.models.cnp import CNPNetwork
 from metalight.tasks.kinds import REGRESSION, TaskKind

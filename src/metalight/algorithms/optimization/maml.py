@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from metalight.algorithms.base import EpisodicModule, OptimizerFactory, SchedulerFactory
-from metalight.algorithms.functional import InnerLoop, TaskOutcome, inner_weights, make_task_fn, split_state
+from metalight.algorithms.optimization.functional import InnerLoop, TaskOutcome, inner_weights, make_task_fn, split_state
 
 
 class MAML(EpisodicModule):

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from metalight.algorithms.base import EpisodicModule
-from metalight.algorithms.functional import TaskOutcome, run_tasks, split_state
+from metalight.algorithms.optimization.functional import TaskOutcome, run_tasks, split_state
 
 
 def embed_task(embed: Callable[[Tensor], Tensor], support_x: Tensor, query_x: Tensor, transductive: bool) -> tuple[Tensor, Tensor]:

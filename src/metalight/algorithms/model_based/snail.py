@@ -10,9 +10,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metalight.algorithms.base import OptimizerFactory, SchedulerFactory, require_features_and_head
-from metalight.algorithms.functional import Params, TaskOutcome, _prefixed, split_state
-from metalight.algorithms.metric import MetricLearner, embed_task
-from metalight.algorithms.reptile import task_generator
+from metalight.algorithms.optimization.functional import Params, TaskOutcome, _prefixed, split_state
+from metalight.algorithms.metric.learner import MetricLearner, embed_task
+from metalight.algorithms.optimization.reptile import task_generator
 from metalight.errors import ConfigError
 from metalight.models.snail import SNAILNet
 from metalight.tasks.kinds import accuracy

@@ -11,8 +11,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metalight.algorithms.base import OptimizerFactory, SchedulerFactory, require_features_and_head
-from metalight.algorithms.metric import MetricLearner
-from metalight.algorithms.functional import Params, TaskOutcome, _prefixed, split_state
+from metalight.algorithms.metric.learner import MetricLearner
+from metalight.algorithms.optimization.functional import Params, TaskOutcome, _prefixed, split_state
 from metalight.errors import ConfigError
 from metalight.tasks.kinds import accuracy
 

@@ -25,9 +25,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metalight.algorithms.base import EpisodicModule, OptimizerFactory, SchedulerFactory
-from metalight.algorithms.functional import InnerLoop, Params, TaskOutcome, split_state
-from metalight.algorithms.policy_gradient import Rollouts, advantages, check_discounts, gaussian_kl, gaussian_log_prob, sample_rollouts
-from metalight.algorithms.trpo import TRPO, TrustRegionProblem
+from metalight.algorithms.optimization.functional import InnerLoop, Params, TaskOutcome, split_state
+from metalight.algorithms.rl.policy_gradient import Rollouts, advantages, check_discounts, gaussian_kl, gaussian_log_prob, sample_rollouts
+from metalight.algorithms.rl.trpo import TRPO, TrustRegionProblem
 from metalight.errors import ConfigError
 from metalight.tasks.kinds import TaskKind
 from metalight.tasks.rl import TaskEnvironment

@@ -8,8 +8,8 @@ from typing import Any
 
 from torch import nn
 
-from metalight.algorithms.maml import MAML
-from metalight.algorithms.step_sizes import LearnedStepSizes
+from metalight.algorithms.optimization.maml import MAML
+from metalight.algorithms.optimization.step_sizes import LearnedStepSizes
 
 
 class MetaSGD(MAML):

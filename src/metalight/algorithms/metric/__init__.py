@@ -1,0 +1,1 @@
+"""Metric-based meta-learners: classify queries by comparing embeddings with the support set's (Prototypical, Matching and Relation Networks; learner.py their shared meta-step; finetune.py P>M>F's test-time fine-tuning)."""

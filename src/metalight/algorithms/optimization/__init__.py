@@ -1,0 +1,1 @@
+"""Optimization-based meta-learners: adapt by gradient steps in an inner loop (MAML, first-order MAML, ANIL, Meta-SGD, MAML++, Reptile) and the functional core they share (functional.py: vmapped inner loops and meta-gradients; step_sizes.py: learned step sizes)."""
