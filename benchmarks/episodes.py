@@ -13,7 +13,8 @@ warm draws episodes of cached token ids, trimmed to the batch's longest utteranc
 (TextDataModule.on_after_batch_transfer). Beside warm, in the same process and on the same tasks, the obvious
 reference: each episode's strings tokenized on the fly with the same tokenizer (`encode_batch`), padded to the
 longest and cut at max_tokens ("phase": "reference"; "ratio" = warm episodes/s over the reference's). Both give
-the same ids: the benchmark checks that on its first meta-batch.
+the same ids: the benchmark checks that on its first meta-batch. Text episodes/s count this process's CPU time (as
+meta_step.py does: other jobs on a shared machine do not count), the two taking turns meta-batch by meta-batch.
 """
 
 from __future__ import annotations
@@ -159,9 +160,9 @@ def run_text_case(root: Path, cache_dir: Path, case: tuple, seconds: float) -> l
     step = 1
     while min(elapsed.values()) < seconds:
         for phase, draw in (("warm", lambda k: dm.on_after_batch_transfer(episodes[k], 0)), ("reference", reference)):
-            begin = time.perf_counter()
+            begin = time.process_time()
             draw(keys(step))
-            elapsed[phase] += time.perf_counter() - begin
+            elapsed[phase] += time.process_time() - begin
             steps[phase] += 1
         step += 1
     rate = {phase: steps[phase] * meta_batch_size / elapsed[phase] for phase in elapsed}
