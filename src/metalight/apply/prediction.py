@@ -129,7 +129,9 @@ def predict(cfg: DictConfig) -> Path:
     print(f"{'query':<{width}}  {'predicted':<20} probability")
     for path, row in zip(queries, probabilities):
         best = max(range(len(row)), key=row.__getitem__)
-        shown = str(path) if len(str(path)) <= width else str(path)[: width - 3] + "..."
+        shown = str(path)
+        if len(shown) > width:  # an utterance keeps its start, a path its end (the file name)
+            shown = shown[: width - 3] + "..." if text else "..." + shown[3 - width :]
         print(f"{shown:<{width}}  {classes[best]:<20} {row[best]:.3f}")
     output = Path(cfg.output).expanduser()
     output.parent.mkdir(parents=True, exist_ok=True)
