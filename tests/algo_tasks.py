@@ -124,6 +124,15 @@ def fit_validate_save(algorithm: pl.LightningModule, datamodule: pl.LightningDat
     torch.save(result, f"{out_file}-{devices}-{trainer.global_rank}.pt")
 
 
+def end_distributed() -> None:
+    """Destroy the gloo process group before a DDP test script exits: left to interpreter teardown, its threads
+    can abort the process ("terminate called without an active exception") after the results are saved."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def launch_two_processes(script: str, out_dir: Path) -> None:
     """Run `python script out_dir` (which starts a 2-process DDP run itself) on CPU only, one thread per process."""
     # keep the caller's PYTHONPATH (metalight may be importable only through it, as on a machine without

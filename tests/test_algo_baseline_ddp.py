@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from algo_tasks import _rank_and_world, launch_two_processes, train_validate_save
+from algo_tasks import _rank_and_world, end_distributed, launch_two_processes, train_validate_save
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -79,3 +79,4 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     for name in HEADS:
         run(name, 2, Path(sys.argv[1]))
+    end_distributed()

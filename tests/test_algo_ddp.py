@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from algo_tasks import TrainStream, fit_validate_save, launch_two_processes, make_batch, tiny_conv4, train_validate_save
+from algo_tasks import TrainStream, end_distributed, fit_validate_save, launch_two_processes, make_batch, tiny_conv4, train_validate_save
 from reptile_reference import reference_reptile
 from trained_runs import write_utterances
 
@@ -137,3 +137,4 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     for algorithm_name in ALGORITHMS + PER_RANK_RULE:
         run(algorithm_name, 2, Path(sys.argv[1]))
+    end_distributed()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from algo_tasks import fit_validate_save, launch_two_processes
+from algo_tasks import end_distributed, fit_validate_save, launch_two_processes
 
 from metalight.algorithms import CNP, MAML, MetaSGD, Reptile
 from metalight.models import MLP, CNPNetwork
@@ -70,3 +70,4 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     for learner in LEARNERS:
         run(learner, 2, Path(sys.argv[1]))
+    end_distributed()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from algo_tasks import fit_validate_save, launch_two_processes
+from algo_tasks import end_distributed, fit_validate_save, launch_two_processes
 
 pytest.importorskip("gymnasium", reason="the `rl` extra (pip install -e '.[rl]') is not installed")
 
@@ -76,3 +76,4 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     for learner in LEARNERS:
         run(learner, 2, Path(sys.argv[1]))
+    end_distributed()
