@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metalight.algorithms.base import OptimizerFactory, SchedulerFactory, require_features_and_head
-from metalight.algorithms.metric.learner import MetricLearner
+from metalight.algorithms.metric.learner import MetricLearner, embed_task
 from metalight.algorithms.optimization.functional import Params, TaskOutcome, _prefixed, split_state
 from metalight.errors import ConfigError
 from metalight.tasks.kinds import accuracy
@@ -163,12 +163,7 @@ class MatchingNet(MetricLearner):
             return functional_call(self.model, (params, fixed), (x,)).flatten(1)
 
         def run(params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, indices: None) -> TaskOutcome:
-            if transductive:
-                embedded = embed(params, torch.cat([support_x, query_x]))
-                support, queries = embedded[: len(support_x)], embedded[len(support_x) :]
-            else:
-                support = embed(params, support_x)
-                queries = torch.vmap(lambda q: embed(params, torch.cat([support_x, q.unsqueeze(0)]))[-1])(query_x)
+            support, queries = embed_task(lambda x: embed(params, x), support_x, query_x, transductive)
             if fce:
                 support, queries = functional_call(self.model.fce, _prefixed(params, "fce"), (support, queries))
             log_probs = matching_log_probs(cosine_attention(queries, support, normalize_queries), support_y, n_way)
