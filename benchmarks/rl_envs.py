@@ -4,7 +4,7 @@
         [--tasks 40] [--rollouts 20] [--horizon 200] [--repeats 3]
 
 metalight: its sampler (algorithms/policy_gradient.sample_rollouts) on the vector environment of --env
-(tasks/halfcheetah.py, tasks/meta_world.py): every task x every rollout a copy of the simulator, one policy call
+(envs/halfcheetah.py, envs/meta_world.py): every task x every rollout a copy of the simulator, one policy call
 per time step for all of them (each task with its own weights, by vmap); HalfCheetah's copies stepped by one call
 of mujoco.rollout, Meta-World's in a Python loop.
 pytorch_maml_rl, finn_vectorized, one_at_a_time: the references' orders on the same vector environment and policy

@@ -25,7 +25,7 @@ from metalight.models import GaussianMLP  # noqa: E402
 from algo_tasks import assert_stops_with_one_line  # noqa: E402
 from metalight.runs.training import train  # noqa: E402
 from metalight.tasks import REINFORCEMENT, RLDataModule  # noqa: E402
-from metalight.tasks.navigation import Navigation2DEnv  # noqa: E402
+from metalight.envs.navigation import Navigation2DEnv  # noqa: E402
 
 # a short run: 10 validation and 20 test goals, 10 rollouts each
 SMALL = ["experiment=quick_navigation2d", "data.n_val_tasks=10", "data.n_test_tasks=20", "data.eval_batch_size=20", "data.eval_rollouts=10", "logger=csv"]
@@ -354,7 +354,7 @@ def test_a_missing_rl_extra_is_named(monkeypatch) -> None:
     from metalight.errors import ConfigError
 
     monkeypatch.setitem(sys.modules, "gymnasium", None)  # as if not installed: importing it fails
-    monkeypatch.delitem(sys.modules, "metalight.tasks.navigation")  # imported again, without gymnasium
+    monkeypatch.delitem(sys.modules, "metalight.envs.navigation")  # imported again, without gymnasium
     with pytest.raises(ConfigError, match=r"data.env=navigation2d needs the `rl` extra \(gymnasium is not installed\): pip install -e '.\[rl\]'"):
         RLDataModule()
 

@@ -13,7 +13,7 @@ pytest.importorskip("mujoco", reason="the `rl` extra (pip install -e '.[rl]') is
 
 from metalight.errors import ConfigError  # noqa: E402
 from metalight.runs.training import train  # noqa: E402
-from metalight.tasks.halfcheetah import HalfCheetahDirection, HalfCheetahVelocity  # noqa: E402
+from metalight.envs.halfcheetah import HalfCheetahDirection, HalfCheetahVelocity  # noqa: E402
 from metalight.algorithms.rl.policy_gradient import sample_rollouts  # noqa: E402
 from metalight.tasks.rl import RLDataModule  # noqa: E402
 
@@ -210,7 +210,8 @@ def reach():
 def test_metaworld_tests_each_ml1_test_goal_once_and_validates_on_held_out_training_goals(reach) -> None:
     """The test scores ML1's 50 test goals (50-99) once each, in order; validation the last 10 training goals (40-49), once
     each, which meta-training never draws; no goal is both validated and tested."""
-    from metalight.tasks.meta_world import MetaWorldML1DataModule, benchmark
+    from metalight.envs.meta_world import benchmark
+    from metalight.tasks.meta_world import MetaWorldML1DataModule
 
     module = MetaWorldML1DataModule(env_options={"task": "reach"}, horizon=10, rollouts=1, meta_batch_size=20, n_val_tasks=10, n_test_tasks=50, eval_batch_size=16)
     module.setup()

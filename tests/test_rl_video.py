@@ -75,7 +75,7 @@ def test_videos_show_the_tests_own_episodes_before_and_after_adaptation(egl, che
     the control cost)."""
     from metalight.apply import evaluation
     from metalight.algorithms.rl.policy_gradient import start_seeds
-    from metalight.tasks.halfcheetah import HalfCheetahDirection
+    from metalight.envs.halfcheetah import HalfCheetahDirection
     from metalight.tasks.rl import RLDataModule
 
     recorders = []

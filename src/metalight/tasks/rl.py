@@ -18,24 +18,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from metalight.envs import KNOWN_ENVIRONMENTS, environment_class
 from metalight.errors import ConfigError
 from metalight.tasks.datamodule import TaskDataModule, check_whole_number, plain_dict
 from metalight.tasks.kinds import REINFORCEMENT, TaskKind
 from metalight.tasks.samplers import Key
 
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
-
-
-def _environments() -> dict[str, type]:
-    """The environments data.env can name (imported here: they need the `rl` extra)."""
-    from metalight.tasks.halfcheetah import HalfCheetahDirection, HalfCheetahVelocity
-    from metalight.tasks.meta_world import MetaWorldML1
-    from metalight.tasks.navigation import Navigation2DEnv
-
-    return {"navigation2d": Navigation2DEnv, "halfcheetah_dir": HalfCheetahDirection, "halfcheetah_vel": HalfCheetahVelocity, "metaworld_ml1": MetaWorldML1}
-
-
-KNOWN_ENVIRONMENTS = ("navigation2d", "halfcheetah_dir", "halfcheetah_vel", "metaworld_ml1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,19 +107,19 @@ class RLDataModule(TaskDataModule):
         ):
             if value is not None:
                 check_whole_number(key, value, smallest)
+        if env not in KNOWN_ENVIRONMENTS:
+            raise ConfigError(f"data.env={env!r} is not known: use one of {', '.join(KNOWN_ENVIRONMENTS)}.")
         try:
-            environments = _environments()
+            env_class = environment_class(env)
         except ImportError as error:
             raise ConfigError(
                 f"data.env={env} needs the `rl` extra ({error.name} is not installed): pip install -e '.[rl]' (make install installs it)."
             ) from None
-        if env not in environments:
-            raise ConfigError(f"data.env={env!r} is not known: use one of {', '.join(KNOWN_ENVIRONMENTS)}.")
         super().__init__(
             meta_batch_size, eval_batch_size, batches_per_epoch, n_val_tasks, n_test_tasks, seed, eval_seed, num_workers, pin_memory, persistent_workers
         )
         self.env, self.env_options = env, plain_dict(env_options)
-        self.env_class = environments[env]
+        self.env_class = env_class
         try:
             self.env_class.check_options(**self.env_options)
         except TypeError as error:
