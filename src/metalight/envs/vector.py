@@ -37,14 +37,14 @@ def pooled(key: tuple, count: int, build: Callable[[], Any]) -> list[Any]:
     return pool[:count]
 
 
-def given_tasks(options: dict[str, Any] | None, num_envs: int) -> Tensor | None:
-    """reset()'s options["tasks"] as a tensor [num_envs, 1], None when not given; ValueError for another shape."""
+def given_tasks(options: dict[str, Any] | None, num_envs: int, task_dim: int = 1) -> Tensor | None:
+    """reset()'s options["tasks"] as a tensor [num_envs, task_dim], None when not given; ValueError for another shape."""
     tasks = (options or {}).get("tasks")
     if tasks is None:
         return None
     tasks = torch.as_tensor(tasks)
-    if tasks.shape != (num_envs, 1):
-        raise ValueError(f"tasks of shape {list(tasks.shape)} for {num_envs} environments: give [{num_envs}, 1]")
+    if tasks.shape != (num_envs, task_dim):
+        raise ValueError(f"tasks of shape {list(tasks.shape)} for {num_envs} environments: give [{num_envs}, {task_dim}]")
     return tasks
 
 
