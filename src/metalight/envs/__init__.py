@@ -1,10 +1,11 @@
 """The environments RL tasks run in, each a gymnasium VectorEnv of copies stepped together (data.env names one).
 
 metalight.tasks keeps the task interface (kinds, data modules, samplers); this package holds the worlds: 2-D
-navigation (navigation.py), MuJoCo's HalfCheetah (halfcheetah.py), Meta-World's arms (meta_world.py). An environment
-class says its observation_dim, action_dim and task_dim, draws a task from a generator (draw_task), checks its
-options (check_options: one-line ConfigErrors) and is built as cls(num_envs, horizon=..., **data.env_options).
-The classes are imported only when named: MuJoCo and Meta-World come with the `rl` extra.
+navigation (navigation.py), MuJoCo's HalfCheetah (halfcheetah.py) and its changing bodies (bodies.py), Meta-World's
+arms (meta_world.py). An environment class says its observation_dim, action_dim and task_dim, draws a task of a split
+from a generator (draw_task(rng, split=...)), checks its options (check_options: one-line ConfigErrors) and is built
+as cls(num_envs, horizon=..., **data.env_options). The classes are imported only when named: MuJoCo and Meta-World
+come with the `rl` extra.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ ENVIRONMENTS = {
     "navigation2d": "navigation:Navigation2DEnv",
     "halfcheetah_dir": "halfcheetah:HalfCheetahDirection",
     "halfcheetah_vel": "halfcheetah:HalfCheetahVelocity",
+    "halfcheetah_cripple": "bodies:HalfCheetahCripple",
+    "halfcheetah_rand_params": "bodies:HalfCheetahRandParams",
     "metaworld_ml1": "meta_world:MetaWorldML1",
 }
 KNOWN_ENVIRONMENTS = tuple(ENVIRONMENTS)

@@ -107,6 +107,7 @@ class HalfCheetahTasks(VectorEnv):
         self.single_action_space = box(-1.0, 1.0, (6,), np.float32)
         self.observation_space = box(-np.inf, np.inf, (num_envs, 20), np.float32)
         self.action_space = box(-1.0, 1.0, (num_envs, 6), np.float32)
+        self.copy_models: list[Any] | None = None  # one MjModel per copy where the bodies differ (None: all share self.model)
         self._tasks: Tensor | None = None
         self._goals: np.ndarray | None = None
         self._t = 0
@@ -144,12 +145,13 @@ class HalfCheetahTasks(VectorEnv):
         import mujoco
 
         data, position, velocity = self.com_data, np.empty((len(states), 3)), np.empty((len(states), 3))
-        for i, state in enumerate(states):
-            mujoco.mj_setState(self.model, data, state, self.state_spec)
-            mujoco.mj_kinematics(self.model, data)
-            mujoco.mj_comPos(self.model, data)
-            mujoco.mj_comVel(self.model, data)
-            mujoco.mj_subtreeVel(self.model, data)
+        models = self.copy_models or [self.model] * len(states)
+        for i, (state, model) in enumerate(zip(states, models)):
+            mujoco.mj_setState(model, data, state, self.state_spec)
+            mujoco.mj_kinematics(model, data)
+            mujoco.mj_comPos(model, data)
+            mujoco.mj_comVel(model, data)
+            mujoco.mj_subtreeVel(model, data)
             position[i], velocity[i] = data.subtree_com[self.torso_id], data.subtree_linvel[self.torso_id]
         return position, velocity
 
@@ -157,11 +159,20 @@ class HalfCheetahTasks(VectorEnv):
         """The task term of the reward from the forward velocities [num_envs] (the subclasses')."""
         raise NotImplementedError
 
+    def set_tasks(self, tasks: np.ndarray) -> None:
+        """Take the tasks [num_envs, task_dim] reset() was given (here the goal of each copy; a body's subclass changes its physics)."""
+        self._goals = tasks[:, 0]
+
+    def applied_actions(self, clipped: np.ndarray) -> np.ndarray:
+        """The actions [num_envs, 6] MuJoCo applies and the control cost is taken on: the clipped ones (a crippled body zeroes a joint)."""
+        return clipped
+
     def reset(self, *, seed: int | list[int] | None = None, options: dict[str, Any] | None = None) -> tuple[Tensor, dict[str, Any]]:
         """Every copy back at a (noisy) start state of its seed (copy_seeds), with the tasks options["tasks"] [num_envs, 1] (kept when not given)."""
-        tasks = given_tasks(options, self.num_envs)
+        tasks = given_tasks(options, self.num_envs, self.task_dim)
         if tasks is not None:
-            self._tasks, self._goals = tasks, tasks[:, 0].detach().cpu().double().numpy()
+            self._tasks = tasks
+            self.set_tasks(tasks.detach().cpu().double().numpy())
         if self._tasks is None:
             raise ValueError("reset(options={'tasks': tasks}) first: each environment needs its task")
         import mujoco
@@ -187,15 +198,16 @@ class HalfCheetahTasks(VectorEnv):
 
     def step(self, actions: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, dict[str, Any]]:
         """One step of every copy: (observations, rewards, terminated, truncated, {"x_velocity", "reward_ctrl"})."""
-        if self._goals is None:
+        if self._tasks is None:
             raise ValueError("call reset() before step()")
         from mujoco import rollout
 
-        clipped = np.clip(torch.as_tensor(actions).detach().cpu().double().numpy(), -1.0, 1.0)
+        applied = self.applied_actions(np.clip(torch.as_tensor(actions).detach().cpu().double().numpy(), -1.0, 1.0))
         before = self.states.copy()
         x_before = before[:, self.qpos][:, 0]
         data = self.rollout_data if len(self.rollout_data) > 1 else self.rollout_data[0]
-        trajectory, _ = rollout.rollout(self.model, data, self.states, clipped[:, None, :], nstep=self.frame_skip)
+        model = self.copy_models or self.model  # rollout takes one model, or one per copy (the same sizes)
+        trajectory, _ = rollout.rollout(model, data, self.states, applied[:, None, :], nstep=self.frame_skip)
         self.states = np.ascontiguousarray(trajectory[:, -1])
         qpos, qvel = self.states[:, self.qpos], self.states[:, self.qvel]
         if self.convention == "rllab":
@@ -206,7 +218,7 @@ class HalfCheetahTasks(VectorEnv):
             # the first substep's start is the state before the step (not in the trajectory, which starts after it)
             torso = self.torso_position(trajectory[:, -2, self.qpos] if self.frame_skip > 1 else before[:, self.qpos])
         observations = self.observe(qpos, qvel, torso)
-        control = CONTROL_COST * (clipped**2).sum(-1)
+        control = CONTROL_COST * (applied**2).sum(-1)
         reward = self.task_reward(velocity) - control
         self._t += 1
         terminated = torch.zeros(self.num_envs, dtype=torch.bool, device=self._tasks.device)

@@ -11,6 +11,7 @@ and the random baselines) is scored on the same goals with the same noise.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -135,18 +136,21 @@ class RLDataModule(TaskDataModule):
         """A vector environment of num_envs copies (gymnasium's VectorEnv API), episodes of at most `horizon` steps."""
         return self.env_class(num_envs, horizon=self.horizon, **self.env_options)
 
-    def draw_task(self, rng: np.random.Generator) -> np.ndarray:
-        """One task's parameters (a goal for navigation2d)."""
-        return self.env_class.draw_task(rng, **self.env_options)
+    def draw_task(self, rng: np.random.Generator, split: str = "train") -> np.ndarray:
+        """One task's parameters (a goal for navigation2d) for `split`: an environment may keep some tasks for the test (halfcheetah_cripple's joints)."""
+        return self.env_class.draw_task(rng, split=split, **self.env_options)
 
     def setup(self, stage: str | None = None) -> None:
-        """The three task streams: training tasks of `seed`, fixed val/test tasks of `eval_seed`."""
+        """The three task streams: training tasks of `seed`, fixed val/test tasks of `eval_seed`; the first task of each
+        is drawn at once, so an environment that refuses a split (Meta-World without its data module) stops before training."""
         if not self._datasets:
             self._datasets = {
-                "train": EnvironmentTasks(self.draw_task, "train", self.seed),
-                "val": EnvironmentTasks(self.draw_task, "val", self.eval_seed),
-                "test": EnvironmentTasks(self.draw_task, "test", self.eval_seed),
+                "train": EnvironmentTasks(functools.partial(self.draw_task, split="train"), "train", self.seed),
+                "val": EnvironmentTasks(functools.partial(self.draw_task, split="val"), "val", self.eval_seed),
+                "test": EnvironmentTasks(functools.partial(self.draw_task, split="test"), "test", self.eval_seed),
             }
+            for stream in self._datasets.values():
+                stream.task(0, 0)
 
     def tasks(self, part: str) -> EnvironmentTasks:
         """The task stream of `part` (train, val or test)."""
