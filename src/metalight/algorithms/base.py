@@ -252,6 +252,20 @@ class EpisodicModule(pl.LightningModule):
         with torch.enable_grad():
             return self.adapt(batch, self.eval_loop, params, indices, record="every_step", transductive=self.transductive, keep_logits=keep_logits)
 
+    def weights_adapted_to(self, support_x: Tensor, support_y: Tensor) -> dict[str, Tensor]:
+        """Each task's weights [B, ...] after the evaluation inner loop on its support set (support_x [B, n, ...]), detached.
+
+        What a deployed learner predicts with once it has seen a task's support set: GrBAL's model adapted every
+        control step to the last transitions. Weights the inner loop does not adapt keep their meta-values.
+        """
+        if self.eval_loop is None:
+            raise ConfigError(f"algo={type(self).__name__} adapts without gradient steps, so it has no adapted weights: use a gradient-based learner (maml, fomaml, metasgd, anil, pretrained).")
+        params = {k: v.detach() for k, v in split_state(self.model)[0].items()}
+        batch = {"support_x": support_x, "support_y": support_y, "query_x": support_x[:, :1], "query_y": support_y[:, :1]}
+        with torch.enable_grad():
+            outcome = self.adapt(batch, self.eval_loop, params, None, return_params=True, record="none")
+        return {k: v.detach() for k, v in outcome.params.items()}
+
     def configure_optimizers(self) -> Any:
         """The outer optimizer over the trainable parameters (learned step sizes too), with its scheduler stepped per meta-step."""
         params = [p for p in self.parameters() if p.requires_grad]

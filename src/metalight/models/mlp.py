@@ -10,14 +10,15 @@ from torch import nn
 from metalight.errors import ConfigError
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
-INITS = ("finn", "default")
+INITS = ("finn", "glorot", "default")
 
 
 class MLP(nn.Module):
     """in_features -> hidden... (each Linear + activation) -> out_features; `features` is the body, `head` the last Linear.
 
     init="finn": weights from a normal of std 0.01 truncated at two standard deviations, biases 0, as
-    cbfinn/maml's construct_fc_weights draws them (tf.truncated_normal(stddev=0.01)); "default": PyTorch's.
+    cbfinn/maml's construct_fc_weights draws them (tf.truncated_normal(stddev=0.01)); "glorot": Glorot-uniform weights,
+    biases 0 (TensorFlow's xavier_initializer, learning_to_adapt's dynamics models); "default": PyTorch's.
     The body/head split lets ANIL adapt only the head, as on images.
     """
 
@@ -32,7 +33,7 @@ class MLP(nn.Module):
         if activation not in ACTIVATIONS:
             raise ConfigError(f"model.activation={activation!r} is not known: use one of {', '.join(ACTIVATIONS)}.")
         if init not in INITS:
-            raise ConfigError(f"model.init={init!r} is not known: use finn (cbfinn/maml's truncated normal, std 0.01) or default (PyTorch's).")
+            raise ConfigError(f"model.init={init!r} is not known: use finn (cbfinn/maml's truncated normal, std 0.01), glorot (Glorot-uniform, zero biases) or default (PyTorch's).")
         layers: list[nn.Module] = []
         for width_in, width_out in zip(widths[:-2], widths[1:-1]):
             layers += [nn.Linear(width_in, width_out), ACTIVATIONS[activation]()]
@@ -42,6 +43,11 @@ class MLP(nn.Module):
             for layer in self.modules():
                 if isinstance(layer, nn.Linear):
                     nn.init.trunc_normal_(layer.weight, std=0.01, a=-0.02, b=0.02)
+                    nn.init.zeros_(layer.bias)
+        if init == "glorot":
+            for layer in self.modules():
+                if isinstance(layer, nn.Linear):
+                    nn.init.xavier_uniform_(layer.weight)
                     nn.init.zeros_(layer.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -56,7 +56,8 @@ def build_data_and_algorithm(cfg: DictConfig) -> tuple[pl.LightningDataModule, p
     algorithm = _instantiate(cfg.algo, "algo", model=_instantiate(cfg.model, "model"))
     algorithm.use_task_kind(datamodule.kind)  # the task interface: the data's loss and metric, or a clear refusal
     monitored = OmegaConf.select(cfg, "monitor.metric")
-    if monitored is not None and monitored != algorithm.metric:
+    # a data module may score its runs by more than the learner's metric (the dynamics tasks: the controller's return)
+    if monitored is not None and monitored not in (algorithm.metric, *getattr(datamodule, "run_metrics", ())):
         raise ConfigError(
             f"monitor.metric={monitored} but {datamodule.kind.name} tasks are scored by {algorithm.metric}: set "
             f"monitor.metric={algorithm.metric} monitor.mode={'max' if datamodule.kind.higher_is_better else 'min'} "
