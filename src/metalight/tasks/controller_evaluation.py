@@ -4,8 +4,8 @@ online adaptation, the model's prediction error over an episode, and the learnin
 At every validation: `data.val_episodes` episodes on held-out bodies with the controller as configured (adapted
 online unless data.adapt_online=false): val/return and val/return_ci95 (the checkpoint monitor). At the test:
 `data.test_episodes` held-out bodies, each run twice with the same start and planner noise, adapted and not:
-test/return, test/return_unadapted, test/adaptation_gain (their paired difference) with 95% intervals, printed on
-one line; the one-step prediction error of the model before and after adapting to the last M transitions, at every
+test/return, test/return_unadapted, test/adaptation_gain (their paired difference) and test/return_random (uniform
+actions on the same bodies and starts) with 95% intervals, printed on one line; the one-step prediction error of the model before and after adapting to the last M transitions, at every
 step of the adapted episodes (test/model_error_adapted, test/model_error_unadapted, and the curve over the
 episode in TensorBoard's Images tab, test_dynamics/model_error). After each collection: train/collected_return, the
 mean return of that iteration's episodes on training bodies (learning_to_adapt's AverageReturn).
@@ -117,6 +117,8 @@ class ControllerEvaluation(Callback):
         main = adapted if adapted is not None else unadapted
         results["return"], results["return_ci95"] = mean_ci95(main.returns)
         results["return_unadapted"], results["return_unadapted_ci95"] = mean_ci95(unadapted.returns)
+        random = datamodule.episodes("test", 0, count, datamodule.random_policy(datamodule.eval_seed, CONTROLLER, SPLIT_CODES["test"]))
+        results["return_random"], results["return_random_ci95"] = mean_ci95(random.returns)
         if adapted is not None:
             results["adaptation_gain"], results["adaptation_gain_ci95"] = mean_ci95(adapted.returns - unadapted.returns)
             errors = prediction_errors(datamodule, adapted)
@@ -138,7 +140,7 @@ class ControllerEvaluation(Callback):
                     f" adapted, {results['return_unadapted']:.1f} ± {results['return_unadapted_ci95']:.1f} without adaptation; "
                     f"gap {results['adaptation_gain']:+.1f} ± {results['adaptation_gain_ci95']:.1f} (paired)"
                 )
-            print(line)
+            print(f"{line}; a random policy {results['return_random']:.1f} ± {results['return_random_ci95']:.1f}")
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Add the controller's figures to the learner's test_results (eval.py's JSON, train.py's summary)."""

@@ -199,8 +199,11 @@ class DynamicsDataModule(TaskDataModule):
     def episodes(self, split: str, epoch: int, count: int, act: Act) -> Episodes:
         """One episode on each of bodies (epoch, 0..count-1) of `split`, acting with `act` (all bodies in one vector environment)."""
         batch = self.bodies(split)[[(epoch, i) for i in range(count)]]
-        env = self.env_class(count, horizon=self.episode_length, **self.env_options)
-        return run_episodes(env, batch["tasks"], batch["seeds"].tolist(), self.episode_length, act)
+        return run_episodes(self.make_env(count), batch["tasks"], batch["seeds"].tolist(), self.episode_length, act)
+
+    def make_env(self, count: int) -> Any:
+        """A vector environment of `count` bodies (eval.py's video recorder wraps it to keep the test's states)."""
+        return self.env_class(count, horizon=self.episode_length, **self.env_options)
 
     def learner(self) -> Any:
         """The attached learner, checked: its model must be a DynamicsMLP, and it must adapt by gradient steps when adapt_online."""
@@ -232,6 +235,10 @@ class DynamicsDataModule(TaskDataModule):
         to_model = dict(device=weight.device, dtype=weight.dtype)
         return lambda observations, actions: act(observations.to(**to_model), actions.to(**to_model)).float().cpu()
 
+    def random_policy(self, *seed: int) -> Act:
+        """Uniform actions in the planner's box, their noise from `seed` (iteration 0's collection, the random baseline)."""
+        return random_controller(self.action_dim, self.planner.action_low, self.planner.action_high, torch.Generator().manual_seed(generator_seed(*seed)))
+
     def reward_function(self) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
         """The environment's reward of (observations, actions, next observations), for the planner's imagined steps."""
         return self.env_class(1, horizon=self.episode_length, **self.env_options).reward
@@ -246,7 +253,7 @@ class DynamicsDataModule(TaskDataModule):
     def collect(self, iteration: int) -> None:
         """Iteration `iteration`'s episodes on training bodies (random actions first, then the MPC controller), then the model's statistics."""
         if iteration == 0 and self.random_first_iteration:
-            act = random_controller(self.action_dim, self.planner.action_low, self.planner.action_high, torch.Generator().manual_seed(generator_seed(self.seed, COLLECTION, iteration)))
+            act = self.random_policy(self.seed, COLLECTION, iteration)
         else:
             act = self.controller(self.adapt_online, self.seed, COLLECTION, iteration)
         episodes = self.episodes("train", iteration, self.rollouts, act)
@@ -259,7 +266,7 @@ class DynamicsDataModule(TaskDataModule):
     def held_out(self, split: str) -> EpisodeBuffer:
         """Random-action episodes on the held-out bodies of `split` (fixed by eval_seed): what val/test segments are cut from."""
         if split not in self._held_out:
-            act = random_controller(self.action_dim, self.planner.action_low, self.planner.action_high, torch.Generator().manual_seed(generator_seed(self.eval_seed, RANDOM_EPISODES, SPLIT_CODES[split])))
+            act = self.random_policy(self.eval_seed, RANDOM_EPISODES, SPLIT_CODES[split])
             buffer = EpisodeBuffer()
             buffer.add(self.episodes(split, 0, self.random_episodes, act))
             self._held_out[split] = buffer
