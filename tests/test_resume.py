@@ -1,7 +1,7 @@
 """A run interrupted mid-epoch and resumed from its last.ckpt ends with the very state of an uninterrupted run,
 for each kind of state a learner keeps (ALGORITHMS).
 
-Two of them (KILLED) are real `python train.py` processes killed with SIGKILL, started together: whatever was on
+Some of them (KILLED) are real `python train.py` processes killed with SIGKILL, started together: whatever was on
 disk is all there is. The others die in this process: an exception raised after meta-step STOP ends the run with
 no checkpoint but those already written, as a kill would, without a process start each. The resumed and the
 uninterrupted runs go through the same `train()` in this process (one thread everywhere, so the same arithmetic).
@@ -69,7 +69,17 @@ ALGORITHMS = {
         "experiment=quick_navigation2d_rl2", "task_name=train", "data.horizon=10", "data.meta_batch_size=2", "data.rollouts=2", "data.eval_rollouts=2",
         "data.n_val_tasks=2", "model.hidden=8", "algo.epochs=2", "callbacks.navigation_trajectories=null",
     ],
+    # GrBAL (#32): the episodes collected so far are the data module's state; killed after step KILL_AT["grbal"], in
+    # epoch 1, whose episodes were planned through the model of step 4: a run that collected them again after resuming
+    # would plan through other weights and end elsewhere (the collected episodes are compared too)
+    "grbal": [
+        "experiment=quick_grbal", "task_name=train", "model.hidden=[8]", "data.episode_length=10", "data.past=3", "data.future=2",
+        "data.rollouts=2", "data.planner.candidates=6", "data.planner.horizon=2", "data.random_episodes=1", "data.val_episodes=1",
+        "data.meta_batch_size=2", "data.n_val_tasks=2", "data.eval_batch_size=2", "trainer.max_steps=24",
+    ],
 }
+# the step after which a killed run is stopped (2 unless said)
+KILL_AT = {"grbal": 5}
 
 
 def _max_steps(extra: list[str]) -> int:
@@ -100,7 +110,7 @@ def _last(log_dir: Path) -> list[Path]:
 
 
 # the learners killed as real processes: the richest state of the images (MAML++), reinforcement learning and text
-KILLED = ("mamlpp", "maml_rl", "maml_text")
+KILLED = ("mamlpp", "maml_rl", "maml_text", "grbal")
 # where the others die (mid-epoch: data.batches_per_epoch=4)
 STOP = 6
 
@@ -129,6 +139,10 @@ def _final_state(compose_train, out: Path, *overrides: str) -> dict:
         cfg.paths.output_dir = str(out)
     _, objects = train(cfg)
     algorithm = objects["algorithm"]
+    collected = getattr(objects["datamodule"], "buffer", None)  # GrBAL's episodes
+    if collected is not None:
+        episodes = {f"episodes.{part}.{i}": t for part, blocks in collected.state_dict().items() for i, t in enumerate(blocks)}
+        return algorithm.state_dict() | episodes
     inner = getattr(algorithm, "inner_optimizer_state", None)
     if inner is None:
         return algorithm.state_dict()
@@ -139,7 +153,7 @@ def _final_state(compose_train, out: Path, *overrides: str) -> dict:
 def _assert_resumes_exactly(compose_train, tmp_path: Path, name: str, checkpoint: Path) -> None:
     """Resumed from `checkpoint`, the run of ALGORITHMS[name] ends with the uninterrupted run's state."""
     extra, stopped_at = ALGORITHMS[name], _step(checkpoint)
-    assert 2 <= stopped_at < _max_steps(extra), name
+    assert KILL_AT.get(name, 2) <= stopped_at < _max_steps(extra), name
     expected = _final_state(compose_train, tmp_path / f"{name}-reference", *extra)
     got = _final_state(compose_train, tmp_path / f"{name}-resumed", *extra, f"ckpt_path={checkpoint}")
     assert load_checkpoint(tmp_path / f"{name}-resumed" / "checkpoints" / "last.ckpt")["global_step"] == _max_steps(extra)
@@ -157,7 +171,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, data_dir, ca
     running, deadline = set(jobs), time.monotonic() + 300
     while running and time.monotonic() < deadline:
         for name in list(running):
-            if jobs[name].poll() is not None or any(_step(path) >= 2 for path in _last(tmp_path / name)):
+            if jobs[name].poll() is not None or any(_step(path) >= KILL_AT.get(name, 2) for path in _last(tmp_path / name)):
                 jobs[name].send_signal(signal.SIGKILL)  # no handler runs: whatever was on disk is all there is
                 running.discard(name)
         time.sleep(0.02)
