@@ -27,7 +27,7 @@ import torch
 from metalight.algorithms import MAMLRL
 from metalight.algorithms.rl.policy_gradient import sample_rollouts
 from metalight.models import GaussianMLP
-from metalight.tasks.meta_world import MetaWorldML1DataModule
+from metalight.tasks.meta_world import MetaWorldDataModule
 from metalight.tasks.rl import RLDataModule
 
 import rl_references as ref
@@ -56,7 +56,7 @@ def main() -> None:
     torch.set_num_threads(1)
     settings = dict(horizon=args.horizon, rollouts=args.rollouts, meta_batch_size=args.tasks)
     if args.env == "metaworld_ml1":
-        datamodule = MetaWorldML1DataModule(env_options={"task": args.task}, n_val_tasks=10, **settings)
+        datamodule = MetaWorldDataModule(env_options={"task": args.task}, n_val_tasks=10, **settings)
         name = f"{args.env}:{args.task}"
     else:
         datamodule = RLDataModule(env=args.env, env_options={"frame_skip": args.frame_skip, "convention": args.convention}, **settings)
@@ -68,7 +68,8 @@ def main() -> None:
     batch = datamodule.tasks("train")[[(0, i) for i in range(args.tasks)]]
     params = algorithm.per_task({k: v.detach() for k, v in algorithm.model.named_parameters()}, args.tasks)
     tasks, make, model, horizon = batch["tasks"], datamodule.make_env, algorithm.model, args.horizon
-    make(args.tasks * args.rollouts)  # build the simulators once (kept for later vector environments)
+    # build the simulators once (kept for later vector environments; a Meta-World arm is built for its task's class at reset)
+    make(args.tasks * args.rollouts).reset(options={"tasks": tasks.repeat_interleave(args.rollouts, dim=0)})
     runs = {
         "metalight": lambda: sample_rollouts(environment, lambda o: algorithm.policy(params, o), tasks, batch["seeds"], 0, args.rollouts),
         "pytorch_maml_rl": lambda: ref.pytorch_maml_rl(make, model, tasks, args.rollouts, horizon),

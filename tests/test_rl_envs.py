@@ -1,4 +1,4 @@
-"""MuJoCo meta-RL tasks (data=halfcheetah_dir / halfcheetah_vel, data=metaworld_ml1): rewards by hand, task draws, Meta-World goals and success, errors, one run."""
+"""MuJoCo meta-RL tasks (data=halfcheetah_dir / halfcheetah_vel, data=metaworld_ml1; ML10: test_metaworld_ml10.py): rewards by hand, task draws, Meta-World goals and success, errors, one run."""
 
 from __future__ import annotations
 
@@ -192,7 +192,7 @@ def test_bad_options_and_a_missing_package_are_one_line_errors(monkeypatch) -> N
     assert "mujoco" in str(error.value) and "pip install -e '.[rl]'" in str(error.value) and "\n" not in str(error.value)
     monkeypatch.setitem(__import__("sys").modules, "metaworld", None)
     with pytest.raises(ConfigError) as error:
-        datamodule("metaworld_ml1")
+        datamodule("metaworld")
     assert "metaworld" in str(error.value) and "pip install -e '.[rl]'" in str(error.value) and "\n" not in str(error.value)
 
 
@@ -200,9 +200,9 @@ def test_bad_options_and_a_missing_package_are_one_line_errors(monkeypatch) -> N
 def reach():
     """ML1 reach's data module (its benchmark is built once: about 2 s)."""
     pytest.importorskip("metaworld", reason="the `rl` extra (pip install -e '.[rl]') is not installed")
-    from metalight.tasks.meta_world import MetaWorldML1DataModule
+    from metalight.tasks.meta_world import MetaWorldDataModule
 
-    module = MetaWorldML1DataModule(env_options={"task": "reach"}, horizon=60, rollouts=1, meta_batch_size=2, n_val_tasks=2, n_test_tasks=2)
+    module = MetaWorldDataModule(env_options={"task": "reach"}, horizon=60, rollouts=1, meta_batch_size=2, n_val_tasks=2, n_test_tasks=2)
     module.setup()
     return module
 
@@ -210,10 +210,11 @@ def reach():
 def test_metaworld_tests_each_ml1_test_goal_once_and_validates_on_held_out_training_goals(reach) -> None:
     """The test scores ML1's 50 test goals (50-99) once each, in order; validation the last 10 training goals (40-49), once
     each, which meta-training never draws; no goal is both validated and tested."""
-    from metalight.envs.meta_world import benchmark
-    from metalight.tasks.meta_world import MetaWorldML1DataModule
+    import metaworld
 
-    module = MetaWorldML1DataModule(env_options={"task": "reach"}, horizon=10, rollouts=1, meta_batch_size=20, n_val_tasks=10, n_test_tasks=50, eval_batch_size=16)
+    from metalight.tasks.meta_world import MetaWorldDataModule
+
+    module = MetaWorldDataModule(env_options={"task": "reach"}, horizon=10, rollouts=1, meta_batch_size=20, n_val_tasks=10, n_test_tasks=50, eval_batch_size=16)
     module.setup()
     scored = {part: [int(g) for batch in loader for g in batch["tasks"][:, 0].tolist()] for part, loader in (("val", module.val_dataloader()), ("test", module.test_dataloader()))}
     assert scored["test"] == list(range(50, 100)) and scored["val"] == list(range(40, 50))
@@ -223,8 +224,8 @@ def test_metaworld_tests_each_ml1_test_goal_once_and_validates_on_held_out_train
     assert len(set(seeds.tolist())) == 50 and torch.equal(seeds, module.tasks("test")[[(0, i) for i in range(50)]]["seeds"]), "each goal its own fixed noise"
     for bad, key in (({"n_val_tasks": 50}, "n_val_tasks"), ({"n_test_tasks": 51}, "n_test_tasks")):
         with pytest.raises(ConfigError, match=key):
-            MetaWorldML1DataModule(env_options={"task": "reach"}, horizon=10, **bad)
-    ml1 = benchmark("reach", 0)  # metaworld.ML1("reach-v3", seed=0), built once
+            MetaWorldDataModule(env_options={"task": "reach"}, horizon=10, **bad)
+    ml1 = metaworld.ML1("reach-v3", seed=0)
     env = reach.environment.make(2)
     assert np.allclose(env.goal(3), np.asarray(__import__("pickle").loads(ml1.train_tasks[3].data)["rand_vec"][-3:]))
     assert np.allclose(env.goal(57), np.asarray(__import__("pickle").loads(ml1.test_tasks[7].data)["rand_vec"][-3:]))
@@ -251,10 +252,10 @@ def test_metaworld_resets_to_the_tasks_goal_and_reports_success_as_0_or_1(reach)
 
 
 def test_unknown_metaworld_task_is_a_config_error_listing_the_known_ones(reach) -> None:
-    from metalight.tasks.meta_world import MetaWorldML1DataModule
+    from metalight.tasks.meta_world import MetaWorldDataModule
 
     with pytest.raises(ConfigError) as error:
-        MetaWorldML1DataModule(env_options={"task": "fly-to-the-moon"})
+        MetaWorldDataModule(env_options={"task": "fly-to-the-moon"})
     message = str(error.value)
     assert "\n" not in message and "fly-to-the-moon" in message and all(name in message for name in ("reach", "push", "pick-place"))
 
@@ -289,23 +290,35 @@ def test_metaworld_reach_logs_success_beside_return(compose_generated, reach, tm
 
 
 def test_success_rate_is_each_tasks_fraction_of_rollouts_then_the_mean_over_tasks() -> None:
-    """Two tasks x 2 rollouts, evaluated before and after one step: the sums the callback reduces over ranks."""
+    """Two tasks x 2 rollouts, evaluated before and after one step: per-task rates and returns, then the mean over tasks with its interval."""
     from types import SimpleNamespace
 
     from metalight.tasks.meta_world import MetaWorldSuccess
 
     callback = MetaWorldSuccess()
     callback._environment = object()  # as during an evaluation
-    callback._made = [SimpleNamespace(episode_success=np.array([True, False, True, True])), SimpleNamespace(episode_success=np.array([True, True, False, False]))]
+    catalogue = SimpleNamespace(class_names=("reach-v3",))
+    envs = [
+        SimpleNamespace(num_envs=4, catalogue=catalogue, copy_classes=["reach-v3"] * 4, episode_success=np.array([True, False, True, True]), episode_return=np.array([1.0, 3.0, 2.0, 2.0])),
+        SimpleNamespace(num_envs=4, catalogue=catalogue, copy_classes=["reach-v3"] * 4, episode_success=np.array([True, True, False, False]), episode_return=np.array([5.0, 5.0, 0.0, 4.0])),
+    ]
+    callback._made = envs
     callback._batch_end({"tasks": torch.zeros(2, 1)})
-    assert callback._sums.tolist() == [2.0, 0.5 + 1.0, 1.0 + 0.0] and callback._made == []
+    # count 2; success per step: (0.5 + 1.0), (1.0 + 0.0); squares; returns (2 + 2), (5 + 2); squares
+    assert callback._tally.sums.tolist() == [[2.0, 1.5, 1.0, 1.25, 1.0, 4.0, 7.0, 8.0, 29.0]] and callback._made == []
+    trainer = SimpleNamespace(strategy=SimpleNamespace(reduce=lambda tensor, reduce_op: tensor))
+    logged = callback._tally.metrics(trainer, torch.device("cpu"), "val", "", with_returns=False)
+    assert logged["val/success_step0"] == 0.75 and logged["val/success_step1"] == 0.5 == logged["val/success"]
+    assert logged["val/success_step0_ci95"] == pytest.approx(1.96 * np.std([0.5, 1.0], ddof=1) / np.sqrt(2))
+    assert not any("return" in key for key in logged), "the learner logs the returns of the stage's own tasks"
 
 
 def test_metaworld_needs_its_data_module_and_at_most_500_steps(reach) -> None:
-    from metalight.tasks.meta_world import MetaWorldML1DataModule
+    from metalight.tasks.meta_world import MetaWorldDataModule
 
     with pytest.raises(ConfigError, match="at most 500"):
-        MetaWorldML1DataModule(env_options={"task": "reach"}, horizon=501)
-    plain = RLDataModule(env="metaworld_ml1", env_options={"task": "reach"}, horizon=10)
-    with pytest.raises(ConfigError, match="MetaWorldML1DataModule"):
-        plain.setup()  # it draws each split's first task: validation's refuses, before any training
+        MetaWorldDataModule(env_options={"task": "reach"}, horizon=501)
+    plain = RLDataModule(env="metaworld", env_options={"task": "reach"}, horizon=10)
+    with pytest.raises(ConfigError, match="MetaWorldDataModule"):
+        plain.setup()  # it draws each split's first task: the draw refuses, before any training
+        plain.tasks("val")[[(0, 0)]]

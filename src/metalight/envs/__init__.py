@@ -19,7 +19,7 @@ ENVIRONMENTS = {
     "halfcheetah_vel": "halfcheetah:HalfCheetahVelocity",
     "halfcheetah_cripple": "bodies:HalfCheetahCripple",
     "halfcheetah_rand_params": "bodies:HalfCheetahRandParams",
-    "metaworld_ml1": "meta_world:MetaWorldML1",
+    "metaworld": "meta_world:MetaWorld",
 }
 KNOWN_ENVIRONMENTS = tuple(ENVIRONMENTS)
 

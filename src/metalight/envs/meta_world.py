@@ -1,23 +1,26 @@
-"""Meta-World ML1 (Yu et al. 2019) as RL tasks (data=metaworld_ml1): one manipulation skill, its 50 training and 50 test goals.
+"""Meta-World's meta-learning benchmarks (Yu et al. 2019) as RL tasks: ML1 (one skill, new goals) and ML10 / ML45 (new skills).
 
-A task is one number, the place of its goal in ML1's task list: 0-49 are ML1's `train_tasks`, 50-99 its
-`test_tasks` (for data.env_options.task and benchmark_seed; each holds the object's start position and
-the goal, Meta-World's `rand_vec`). The test scores ML1's test goals, each once, in order (data.n_test_tasks <= 50;
-50: all of them), so the reported figures are on goals never trained on, as the benchmark's ML1 protocol asks.
-Checkpoints are chosen on the last data.n_val_tasks training goals, held out of meta-training (which draws from the
-others), never on test goals (MetaWorldML1DataModule). The goal is hidden from the policy (ML1's partially observable setting):
-observations are Meta-World's 39 numbers with the goal zeroed, actions 4 numbers in [-1, 1].
+data.env=metaworld, its benchmark data.env_options.benchmark: ML1 (the skill data.env_options.task: reach, push,
+pick-place, ...), ML10 (10 training skills, 5 held-out ones) or ML45 (45 and 5). A task is one number, the place of
+its Meta-World Task in the benchmark's list: its `train_tasks` (the training classes, 50 goals each) then its
+`test_tasks` (the test classes, 50 goals each; ML1's test classes are its one skill again, with 50 other goals). Each
+Task names its class (env_name: reach-v3, ...) and holds its object's start position and goal (rand_vec); Catalogue
+says which class and which goal every number is. Which numbers meta-train, validate and test is the data module's
+business (metalight.tasks.meta_world).
 
-Meta-World reports success (the object within a task-specific distance of the goal) in info["success"] at
-every step; an episode succeeds if any of its steps does (Meta-World's evaluation stops an episode at its
-first success). The vector environment reports the 0/1 of each step in info["success"] and keeps each
-copy's episode_success; MetaWorldSuccess (a callback, conf/data/metaworld_ml1.yaml) logs val/success and
-test/success (after the last inner step) and val/success_step{k} beside val/return.
+The goal is hidden from the policy (Meta-World's partially observable ML setting): observations are Meta-World's 39
+numbers with the goal zeroed, actions 4 numbers in [-1, 1], the reward Meta-World's shaped one. Meta-World reports
+success (the object within a task-specific distance of the goal) in info["success"] at every step; an episode
+succeeds if any of its steps does (Meta-World's evaluation stops an episode at its first success). The vector
+environment reports the 0/1 of each step in info["success"] and keeps each copy's episode_success and episode_return
+since its reset, which MetaWorldSuccess (tasks/meta_world.py) reads after every evaluation rollout.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import pickle
 from typing import Any
 
 import numpy as np
@@ -31,12 +34,15 @@ from metalight.envs.vector import given_tasks, pooled, require
 import gymnasium
 from gymnasium.vector import AutoresetMode, VectorEnv
 
-N_GOALS = 50  # Meta-World's goals per split of an ML1 benchmark
+N_GOALS = 50  # Meta-World's goals per class and split (metaworld._N_GOALS)
+MAX_STEPS = 500  # Meta-World's max_path_length: the longest episode
+# Yu et al.'s meta-learning benchmarks (metaworld 3 also has ML25, whose test classes overlap its training ones)
+BENCHMARKS = ("ML1", "ML10", "ML45")
 
 
 def known_tasks() -> list[str]:
     """The Meta-World skills ML1 can be built on (reach, push, pick-place, ...), without their -v3 suffix."""
-    metaworld = require("metaworld", "metaworld_ml1")
+    metaworld = require("metaworld", "metaworld")
     return sorted(name.removesuffix("-v3") for name in metaworld.ML1.ENV_NAMES)
 
 
@@ -49,88 +55,147 @@ def full_name(task: str) -> str:
     return f"{short}-v3"
 
 
+def short_name(env_name: str) -> str:
+    """A class's name without its version: reach-v3 -> reach (the name in logged metrics)."""
+    return env_name.removesuffix("-v3")
+
+
+def check_options(benchmark: str = "ML1", task: str | None = "reach", benchmark_seed: int = 0) -> None:
+    """ConfigError unless metaworld is installed, benchmark is an ML benchmark, task an ML1 skill (null for the others)
+    and benchmark_seed a whole number >= 0."""
+    require("metaworld", "metaworld")
+    if benchmark not in BENCHMARKS:
+        raise ConfigError(f"data.env_options.benchmark={benchmark!r} is not a Meta-World meta-learning benchmark: use one of {', '.join(BENCHMARKS)}.")
+    if benchmark == "ML1":
+        full_name(task)  # type: ignore[arg-type]
+    elif task is not None:
+        raise ConfigError(
+            f"data.env_options.task={task!r} picks ML1's one skill, but {benchmark} has its own classes: set data.env_options.task=null "
+            "(or data.env_options.benchmark=ML1)."
+        )
+    if isinstance(benchmark_seed, bool) or not isinstance(benchmark_seed, int) or benchmark_seed < 0:
+        raise ConfigError(f"data.env_options.benchmark_seed={benchmark_seed!r} must be a whole number >= 0.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Catalogue:
+    """A benchmark's tasks and classes: task number n is tasks[n], an arm of class classes[class_of[n]].
+
+    train_classes / test_classes: the names of the classes of train_tasks / test_tasks, in Meta-World's order
+    (ML1: the same one skill in both).
+    """
+
+    tasks: tuple[Any, ...]
+    classes: dict[str, type]
+    train_classes: tuple[str, ...]
+    test_classes: tuple[str, ...]
+    n_train: int
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """Every class once, training classes first: the order per-class figures are kept in."""
+        return tuple(dict.fromkeys(self.train_classes + self.test_classes))
+
+    def class_of(self, number: int) -> str:
+        """The class (env_name) of task `number`."""
+        return self.tasks[number].env_name
+
+    def goals(self, env_name: str, side: str) -> list[int]:
+        """The task numbers of class env_name among the training tasks (side="train") or the test tasks ("test"), in order."""
+        span = range(self.n_train) if side == "train" else range(self.n_train, len(self.tasks))
+        return [n for n in span if self.tasks[n].env_name == env_name]
+
+
+def catalogue(benchmark: str = "ML1", task: str | None = "reach", benchmark_seed: int = 0) -> Catalogue:
+    """The benchmark's tasks with goals drawn from benchmark_seed (checked first; built once per process)."""
+    check_options(benchmark, task, benchmark_seed)
+    return _built(benchmark, full_name(task) if benchmark == "ML1" else None, benchmark_seed)  # type: ignore[arg-type]
+
+
 @functools.lru_cache(maxsize=8)
-def benchmark(task: str, benchmark_seed: int) -> Any:
-    """ML1 of `task` with its goals drawn from benchmark_seed (about 2 s; once per process)."""
-    metaworld = require("metaworld", "metaworld_ml1")
-    return metaworld.ML1(full_name(task), seed=benchmark_seed)
+def _built(benchmark: str, task: str | None, benchmark_seed: int) -> Catalogue:
+    """Meta-World's benchmark object read into a Catalogue (ML1 about 2 s, ML10 about 4 s, ML45 about 20 s)."""
+    metaworld = require("metaworld", "metaworld")
+    built = metaworld.ML1(task, seed=benchmark_seed) if benchmark == "ML1" else getattr(metaworld, benchmark)(seed=benchmark_seed)
+    return Catalogue(
+        tasks=tuple(built.train_tasks) + tuple(built.test_tasks),
+        classes={**built.train_classes, **built.test_classes},
+        train_classes=tuple(built.train_classes),
+        test_classes=tuple(built.test_classes),
+        n_train=len(built.train_tasks),
+    )
 
 
-def task_list(task: str, benchmark_seed: int) -> list[Any]:
-    """ML1's training tasks then its test tasks (Meta-World Task objects), the order task numbers index."""
-    ml1 = benchmark(task, benchmark_seed)
-    return list(ml1.train_tasks) + list(ml1.test_tasks)
+class MetaWorld(VectorEnv):
+    """num_envs Meta-World arms stepped together, each an arm of its task's class set to its task (reset(options={"tasks": [num_envs, 1]})).
 
-
-class MetaWorldML1(VectorEnv):
-    """num_envs Meta-World arms of one ML1 skill stepped together, each set to its task (reset(options={"tasks": [num_envs, 1]})).
-
-    Episodes last `horizon` steps (Meta-World's max_path_length is 500 and bounds it); nothing terminates;
-    reset puts each arm at the task's start with its object and goal (deterministic: Meta-World adds no
-    noise, so reset's seed changes nothing). step returns (observations [num_envs, 39], rewards, terminated, truncated, info) with
-    info["success"] the 0/1 of each copy at this step; episode_success [num_envs] is whether a copy has
-    succeeded since its reset. Tensors in, tensors out (float32, on the tasks' device).
+    Copies of different classes (ML10's reach and basketball) step side by side; the simulators are kept per class
+    and reused (pooled), as building one costs about 0.1-0.2 s and 20 MB. Episodes last `horizon` steps
+    (Meta-World's max_path_length, 500, bounds it); nothing terminates; reset puts each arm at its task's start
+    with its object and goal (deterministic: Meta-World adds no noise, so reset's seed changes nothing). step
+    returns (observations [num_envs, 39], rewards, terminated, truncated, info) with info["success"] the 0/1 of
+    each copy at this step; episode_success and episode_return [num_envs] are whether a copy has succeeded and the
+    sum of its rewards since its reset; copy_classes the class of each copy. Tensors in, tensors out (float32, on
+    the tasks' device).
     """
 
     metadata = {"autoreset_mode": AutoresetMode.DISABLED}
     observation_dim = 39
     action_dim = 4
     task_dim = 1
+    check_options = staticmethod(check_options)
 
-    def __init__(self, num_envs: int, horizon: int = 500, task: str = "reach", benchmark_seed: int = 0) -> None:
-        self.check_options(task, benchmark_seed)
-        if not 1 <= horizon <= 500:
-            raise ConfigError(f"data.horizon={horizon} is longer than Meta-World's episodes (500 steps): use at most 500.")
-        self.num_envs, self.horizon, self.task, self.benchmark_seed = num_envs, horizon, full_name(task), benchmark_seed
-        self.tasks_list = task_list(task, benchmark_seed)
-        cls = benchmark(task, benchmark_seed).train_classes[self.task]
-        self.sims = pooled(("metaworld", self.task), num_envs, cls)
+    def __init__(self, num_envs: int, horizon: int = MAX_STEPS, benchmark: str = "ML1", task: str | None = "reach", benchmark_seed: int = 0) -> None:
+        if not 1 <= horizon <= MAX_STEPS:
+            raise ConfigError(f"data.horizon={horizon} is longer than Meta-World's episodes ({MAX_STEPS} steps): use at most {MAX_STEPS}.")
+        self.num_envs, self.horizon = num_envs, horizon
+        self.catalogue = catalogue(benchmark, task, benchmark_seed)
         box = gymnasium.spaces.Box
         self.single_observation_space = box(-np.inf, np.inf, (39,), np.float32)
         self.single_action_space = box(-1.0, 1.0, (4,), np.float32)
         self.observation_space = box(-np.inf, np.inf, (num_envs, 39), np.float32)
         self.action_space = box(-1.0, 1.0, (num_envs, 4), np.float32)
         self._tasks: Tensor | None = None
+        self.sims: list[Any] = []
+        self.copy_classes: list[str] = []
         self.episode_success = np.zeros(num_envs, dtype=bool)
+        self.episode_return = np.zeros(num_envs)
 
     @staticmethod
-    def check_options(task: str = "reach", benchmark_seed: int = 0) -> None:
-        """ConfigError unless metaworld is installed, `task` is an ML1 skill and benchmark_seed a whole number >= 0."""
-        full_name(task)
-        if isinstance(benchmark_seed, bool) or not isinstance(benchmark_seed, int) or benchmark_seed < 0:
-            raise ConfigError(f"data.env_options.benchmark_seed={benchmark_seed!r} must be a whole number >= 0.")
-
-    @staticmethod
-    def draw_task(rng: np.random.Generator, split: str | None = None, train_goals: int = N_GOALS, **options: Any) -> np.ndarray:
-        """One training task number: uniform over ML1's first `train_goals` training goals (the others are held out for validation)."""
-        if split != "train":  # drawn by the plain RLDataModule, which cannot tell the splits apart
-            raise ConfigError(
-                "data.env=metaworld_ml1 needs data._target_=metalight.tasks.meta_world.MetaWorldML1DataModule, which validates "
-                "on held-out training goals and tests on ML1's test goals: use data=metaworld_ml1."
-            )
-        return np.array([float(rng.integers(train_goals))])
+    def draw_task(rng: np.random.Generator, split: str | None = None, **options: Any) -> np.ndarray:
+        """Refused: which goals and classes meta-train, validate and test is MetaWorldDataModule's choice, not a draw."""
+        raise ConfigError(
+            "data.env=metaworld needs data._target_=metalight.tasks.meta_world.MetaWorldDataModule, which splits the benchmark's tasks "
+            "into meta-training, validation and test: use data=metaworld_ml1 or data=metaworld_ml10."
+        )
 
     def goal(self, number: int) -> np.ndarray:
         """The goal position of task `number` (the last 3 numbers of its rand_vec)."""
-        import pickle
+        return np.asarray(pickle.loads(self.catalogue.tasks[number].data)["rand_vec"][-3:])
 
-        return np.asarray(pickle.loads(self.tasks_list[number].data)["rand_vec"][-3:])
+    def _assign(self, numbers: list[int]) -> None:
+        """Give copy i an arm of task numbers[i]'s class (from that class's pool) set to that task."""
+        names = [self.catalogue.class_of(n) for n in numbers]
+        free = {name: iter(pooled(("metaworld", name), names.count(name), self.catalogue.classes[name])) for name in set(names)}
+        self.sims, self.copy_classes = [next(free[name]) for name in names], names
+        for sim, number in zip(self.sims, numbers):
+            sim.set_task(self.catalogue.tasks[number])
+            sim.max_path_length = self.horizon
 
     def reset(self, *, seed: int | list[int] | None = None, options: dict[str, Any] | None = None) -> tuple[Tensor, dict[str, Any]]:
         """Every arm at its start, set to the tasks options["tasks"] [num_envs, 1] (task numbers; kept when not given)."""
         tasks = given_tasks(options, self.num_envs)
         if tasks is not None:
             numbers = tasks[:, 0].round().long().tolist()
-            if min(numbers) < 0 or max(numbers) >= len(self.tasks_list):
-                raise ValueError(f"task numbers must be in [0, {len(self.tasks_list)}), got {min(numbers)}..{max(numbers)}")
-            for sim, number in zip(self.sims, numbers):
-                sim.set_task(self.tasks_list[number])
-                sim.max_path_length = self.horizon
+            if min(numbers) < 0 or max(numbers) >= len(self.catalogue.tasks):
+                raise ValueError(f"task numbers must be in [0, {len(self.catalogue.tasks)}), got {min(numbers)}..{max(numbers)}")
+            self._assign(numbers)
             self._tasks = tasks
         if self._tasks is None:
             raise ValueError("reset(options={'tasks': tasks}) first: each environment needs its task")
         observations = [sim.reset()[0] for sim in self.sims]
         self.episode_success[:] = False
+        self.episode_return[:] = 0.0
         return self._tensor(np.stack(observations)), {}
 
     def _tensor(self, array: np.ndarray) -> Tensor:
@@ -149,5 +214,6 @@ class MetaWorldML1(VectorEnv):
             observations.append(observation)
             rewards[i], success[i] = reward, float(info["success"])
         self.episode_success |= success > 0
+        self.episode_return += rewards
         terminated = torch.zeros(self.num_envs, dtype=torch.bool, device=self._tasks.device)
         return self._tensor(np.stack(observations)), self._tensor(rewards), terminated, torch.as_tensor(truncated).to(terminated.device), {"success": success}
