@@ -57,10 +57,7 @@ def prediction_errors(datamodule: DynamicsDataModule, episodes: Episodes) -> dic
 
 def plot_model_error(errors: dict[str, Tensor], past: int) -> Any:
     """The mean one-step prediction error over an episode, adapted vs not (a matplotlib figure)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # the caller's backend: a notebook shows the figure
 
     figure, ax = plt.subplots(figsize=(6, 3.5))
     for name, values in errors.items():
@@ -126,6 +123,9 @@ class ControllerEvaluation(Callback):
             results["model_error_unadapted"] = float(errors["unadapted"].mean())
             writer = next((lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None) if trainer.is_global_zero else None
             if writer is not None:
+                import matplotlib
+
+                matplotlib.use("Agg")  # a figure for TensorBoard only, never a window
                 import matplotlib.pyplot as plt
 
                 writer.add_figure("test_dynamics/model_error", plot_model_error(errors, datamodule.past), global_step=pl_module.global_step, close=True)
