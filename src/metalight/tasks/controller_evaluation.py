@@ -123,9 +123,8 @@ class ControllerEvaluation(Callback):
             results["model_error_unadapted"] = float(errors["unadapted"].mean())
             writer = next((lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None) if trainer.is_global_zero else None
             if writer is not None:
-                import matplotlib
-
-                matplotlib.use("Agg")  # a figure for TensorBoard only, never a window
+                # drawn with the process's backend (Agg without a display; inline in a notebook, which switching to Agg here
+                # would leave without figures), closed at once
                 import matplotlib.pyplot as plt
 
                 writer.add_figure("test_dynamics/model_error", plot_model_error(errors, datamodule.past), global_step=pl_module.global_step, close=True)
