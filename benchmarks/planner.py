@@ -7,8 +7,9 @@ environments x candidates) against plan_loop (one call per candidate per step), 
   with ReLU predicting the change of the observation, at 500 candidates (run_grbal.py) and 1,000, horizon 10, for
   E = 1 and E = 5 environments planned together (their 5 rollouts in parallel), each environment with its own
   weights (torch.func.vmap over E stacked models, as a meta-learned model adapted per environment is called);
-  small_200x10_e1: 2 x 128 hidden, 200 candidates. The default skips the 1,000-candidate cases (their loop
-  reference alone takes about a minute on one core).
+  small_200x10_e1: 2 x 128 hidden, 200 candidates. Without --cases, DEFAULT_ROWS run (every case of 500 or 200
+  candidates with random shooting, GrBAL's planner, and those with E = 1 with CEM too): the loop reference of the
+  others takes minutes (CEM at E = 5 and 1,000 candidates: about 25 s a control step on one core).
 * Methods: random_shooting and cem (5 iterations, 10% elites, alpha 0.1: GrBAL's run-script values). The reward is
   HalfCheetah's as learning_to_adapt computes it from observations: forward velocity (change of the observation's
   third-last entry over dt = 0.01) less 0.05 |a|^2. Weights and observations are random: the cost of a control
@@ -53,8 +54,12 @@ CASES = {
     "grbal_1000x10_e5": ((512, 512, 512), 1000, 10, 5),
     "small_200x10_e1": ((128, 128), 200, 10, 1),
 }
-DEFAULT_CASES = ("grbal_500x10_e1", "grbal_500x10_e5", "small_200x10_e1")
 METHODS = ("random_shooting", "cem")
+# the rows run when --cases is not given (GrBAL's planner is random shooting): about 75 s of CPU time
+DEFAULT_ROWS = (
+    ("grbal_500x10_e1", "random_shooting"), ("grbal_500x10_e1", "cem"), ("grbal_500x10_e5", "random_shooting"),
+    ("small_200x10_e1", "random_shooting"), ("small_200x10_e1", "cem"),
+)
 PATHS = {"plan": plan, "plan_loop": plan_loop}
 
 
@@ -190,7 +195,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES), choices=[*CASES, "all"])
+    parser.add_argument("--cases", nargs="+", choices=[*CASES, "all"], help="default: DEFAULT_ROWS")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory column")
     args = parser.parse_args()
@@ -198,8 +203,12 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no GPU is visible to torch")
     device = torch.device(args.device)
-    cases = list(CASES) if "all" in args.cases else args.cases
-    rows = [measure(case, method, device, args.repeats, not args.no_memory) for case in cases for method in args.methods]
+    if args.cases:
+        cases = list(CASES) if "all" in args.cases else args.cases
+        todo = [(case, method) for case in cases for method in args.methods]
+    else:
+        todo = [(case, method) for case, method in DEFAULT_ROWS if method in args.methods]
+    rows = [measure(case, method, device, args.repeats, not args.no_memory) for case, method in todo]
     print(table(rows))
     ratios = [row["ratio"] for row in rows]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} thread(s)"
