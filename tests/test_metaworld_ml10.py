@@ -166,6 +166,8 @@ def test_ml10_protocol_logs_test_and_training_class_success_after_each_step(comp
     assert {f"test/{name[:-3]}/success_step1" for name in TRAIN + TEST} <= set(logged)
     assert all(0.0 <= value <= 1.0 for key, value in logged.items() if "success" in key and "ci95" not in key)
     assert objects["algorithm"].environment.make.__name__ != "make", "the learner has its environment back"
+    saved = objects["algorithm"].test_results  # what eval.py writes to <checkpoint>.test.json
+    assert saved["train_classes_success_step1"] == metrics["test/train_classes_success_step1"] and "success_step1" in saved and "return_steps" in saved
     assert metrics["test/train_classes_return_step0"] == pytest.approx(np.mean([logged[f"test/{name[:-3]}/return_step0"] for name in TRAIN]))
     for k in (0, 1):  # the environments' returns per class, averaged, are the learner's own test/return (one goal per class)
         assert metrics[f"test/return_step{k}"] == pytest.approx(np.mean([logged[f"test/{name[:-3]}/return_step{k}"] for name in TEST]), rel=1e-4)

@@ -186,13 +186,15 @@ class MetaWorldSuccess(Callback):
     During validation and test it hands the learner a TaskEnvironment whose make() keeps the vector environments it
     builds; after each batch it reads their episode_success and episode_return (one environment per evaluation step, in
     order: before adaptation, after step 1, ...). Classes hold equally many tasks, so the mean over tasks is Meta-World's
-    mean over classes of each class's rate (metaworld.evaluation). Sums are added over ranks.
+    mean over classes of each class's rate (metaworld.evaluation). Sums are added over ranks. The test's figures also
+    join the learner's test_results (without test/), so eval.py's <checkpoint>.test.json holds them.
     """
 
     def __init__(self) -> None:
         self._made: list[Any] = []
         self._tally: Tally | None = None
         self._environment = None
+        self._test_figures: dict[str, float] = {}
 
     def _start(self, pl_module: LightningModule) -> None:
         environment = getattr(pl_module, "environment", None)
@@ -225,6 +227,7 @@ class MetaWorldSuccess(Callback):
         logged = self._tally.metrics(trainer, pl_module.device, stage, "", with_returns=False) if self._tally is not None else {}
         if stage == "test":
             logged |= self._score_train_classes(trainer, pl_module)
+            self._test_figures = {name.removeprefix("test/"): float(value) for name, value in logged.items()}
         pl_module.environment, self._environment, self._tally = self._environment, None, None
         if logged:
             pl_module.log_dict(logged, sync_dist=True)
@@ -267,3 +270,9 @@ class MetaWorldSuccess(Callback):
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Log test/success(_step{k}), score the training classes (test/train_classes_*); give the learner its environment back."""
         self._end(trainer, pl_module, "test")
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Add the figures to the learner's test_results (set at its epoch end, after this callback's), which eval.py saves."""
+        if self._test_figures and isinstance(getattr(pl_module, "test_results", None), dict):
+            pl_module.test_results.update(self._test_figures)
+        self._test_figures = {}
