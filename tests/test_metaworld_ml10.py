@@ -15,9 +15,9 @@ import torch
 pytest.importorskip("mujoco", reason="the `rl` extra (pip install -e '.[rl]') is not installed")
 metaworld = pytest.importorskip("metaworld", reason="the `rl` extra (pip install -e '.[rl]') is not installed")
 
-from metalight.envs.meta_world import MetaWorld, catalogue  # noqa: E402
+from metalight.envs.meta_world import catalogue  # noqa: E402
 from metalight.errors import ConfigError  # noqa: E402
-from metalight.tasks.meta_world import MetaWorldDataModule, MetaWorldSuccess, Tally, task_results  # noqa: E402
+from metalight.tasks.meta_world import MetaWorldDataModule, Tally, task_results  # noqa: E402
 
 ML10 = {"benchmark": "ML10", "task": None}
 TRAIN = ("reach-v3", "push-v3", "pick-place-v3", "door-open-v3", "drawer-close-v3", "button-press-topdown-v3", "peg-insert-side-v3", "window-open-v3", "sweep-v3", "basketball-v3")
