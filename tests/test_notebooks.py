@@ -15,7 +15,7 @@ MINI_CLASSES, MINI_IMAGES = 5, 20  # enough for 5-way tasks of 1 + 15 images per
 
 
 def test_notebooks_are_committed_without_outputs() -> None:
-    assert [p.name for p in NOTEBOOKS] == ["01_episodes.ipynb", "02_results.ipynb", "03_your_task.ipynb", "04_regression.ipynb", "05_meta_rl.ipynb", "06_text.ipynb"]
+    assert [p.name for p in NOTEBOOKS] == ["01_episodes.ipynb", "02_results.ipynb", "03_your_task.ipynb", "04_regression.ipynb", "05_meta_rl.ipynb", "06_text.ipynb", "07_robotics.ipynb"]
     for path in NOTEBOOKS:
         cells = [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
         assert all(not c.outputs and c.execution_count is None for c in cells), f"{path.name} holds outputs: clear them"
@@ -189,3 +189,26 @@ def test_text_notebook_trains_compares_with_the_untrained_baseline_and_classifie
     assert _images(notebook) == 1  # the validation curve beside the baseline
     markdown = [out for cell in notebook.cells for out in cell.get("outputs", []) if "text/markdown" in out.get("data", {})]
     assert len(markdown) == 1 and "| label | class | support utterances |" in markdown[0]["data"]["text/markdown"]
+
+
+@pytest.mark.slow
+def test_robotics_notebook_trains_grbal_and_compares_adapted_unadapted_and_random(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("mujoco", reason="the `rl` extra (pip install -e '.[rl]') is not installed")
+    _register_kernel(tmp_path, monkeypatch)
+    # one iteration (random episodes) of 12-step episodes, a 8-unit model, 2 held-out bodies: the notebook's cells, not GrBAL's figures;
+    # a large online step, so that the adapted episodes differ from the unadapted ones
+    short = ["trainer.max_epochs=1", "algo.inner_lr=0.5", "data.batches_per_epoch=2", "data.episode_length=12", "data.past=3", "data.future=2", "data.planner.candidates=6",
+             "data.planner.horizon=2", "data.val_episodes=1", "data.test_episodes=2", "data.n_val_tasks=2", "data.n_test_tasks=2", "data.eval_batch_size=2",
+             "model.hidden=[8]", f"paths.log_dir={tmp_path / 'logs'}"]
+    monkeypatch.setenv("METALIGHT_OVERRIDES", " ".join(short))
+    notebook = _execute("07_robotics.ipynb")
+    text = "".join(out.get("text", "") for cell in notebook.cells for out in cell.get("outputs", []))
+    assert f"{'0 bthigh':<10}{0:>32}{50:>20}" in text  # the held-out joint: never trained on, always tested
+    assert "trained 1 iterations (2 meta-steps)" in text and "held-out body (bthigh crippled), 2 episodes of 12 steps" in text
+    returns = {label: float(text.split(f"  {label}")[1].split()[1]) for label in ("adapted online", "without adaptation", "random policy")}
+    assert returns["adapted online"] != returns["without adaptation"] and "adaptation gain (paired)" in text
+    for name in ("unadapted", "adapted"):  # the replayed episodes are the test's: the same errors
+        line = next(line for line in text.splitlines() if line.startswith(f"one-step error {name} "))
+        assert line.split()[3] == line.split()[-1].rstrip(")"), line
+    rendered = "MuJoCo cannot render here" not in text
+    assert _images(notebook) == 1 + rendered  # the two bodies (where MuJoCo renders), the model's error over the episode

@@ -1,7 +1,9 @@
-"""eval.py video.tasks=N on a HalfCheetah run: GIFs of the test's own episodes before and after adaptation; one line for what it cannot do."""
+"""eval.py video.tasks=N on a HalfCheetah run: GIFs of the test's own episodes before and after adaptation (a MAML-RL run's
+tasks after k inner steps, a GrBAL run's held-out bodies without and with online adaptation); one line for what it cannot do."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -73,19 +75,19 @@ def test_videos_show_the_tests_own_episodes_before_and_after_adaptation(egl, che
     different motion; each video's task average is the test's return of that task (their mean is test/return_step{k}); its states are
     those of the task's first rollout (its start state is that copy's), and its return that episode's (the distance it ran, less at most
     the control cost)."""
-    from metalight.apply import evaluation
+    from metalight.visualization import video
     from metalight.algorithms.rl.policy_gradient import start_seeds
     from metalight.envs.halfcheetah import HalfCheetahDirection
     from metalight.tasks.rl import RLDataModule
 
     recorders = []
 
-    class KeptEpisodes(evaluation.TestEpisodes):
+    class KeptEpisodes(video.TestEpisodes):
         def __init__(self, n_tasks: int) -> None:
             super().__init__(n_tasks)
             recorders.append(self)
 
-    monkeypatch.setattr(evaluation, "TestEpisodes", KeptEpisodes)
+    monkeypatch.setattr(video, "TestEpisodes", KeptEpisodes)
     results = evaluate(eval_config(compose_generated, cheetah_checkpoint, "video.tasks=3", "video.steps=[0,1]", "video.width=64", "video.height=48"))
     folder = cheetah_checkpoint.parents[1] / "videos" / "last"
     assert sorted(p.name for p in folder.iterdir()) == sorted(f"task{i}_step{k}.gif" for i in range(3) for k in (0, 1))
@@ -122,6 +124,72 @@ def test_videos_show_the_tests_own_episodes_before_and_after_adaptation(egl, che
     assert cheetah_checkpoint.with_name("last.test.json").is_file()
 
 
+# GrBAL in seconds: 1 iteration of 1 random episode of 8 steps, a 8-unit model, 6 candidates x 2 steps; 2 held-out bodies
+GRBAL = [
+    "experiment=quick_grbal", "trainer.max_epochs=1", "data.batches_per_epoch=1", "data.meta_batch_size=2", "data.rollouts=1",
+    "data.episode_length=8", "data.past=3", "data.future=2", "data.planner.candidates=6", "data.planner.horizon=2",
+    "data.random_episodes=1", "data.val_episodes=1", "data.test_episodes=2", "data.n_val_tasks=2", "data.n_test_tasks=2",
+    "data.eval_batch_size=2", "model.hidden=[8]", "logger=csv", "test=false",
+]
+
+
+def is_red(frame: np.ndarray) -> np.ndarray:
+    """The pixels of the crippled limb's red (RED = (1, 0, 0), lit): [height, width]."""
+    r, g, b = (frame[..., c].astype(int) for c in range(3))
+    return (r > 100) & (r > 3 * g) & (r > 3 * b)
+
+
+def test_grbal_videos_are_the_held_out_bodies_controller_evaluation_scored(egl, compose_generated, tmp_path, monkeypatch) -> None:
+    """A GrBAL run, video.tasks=2: body<i>_unadapted.gif and body<i>_adapted.gif of episode_length + 1 frames, the crippled limb red,
+    both episodes of a body from the same start, different with adaptation; their returns are the ones ControllerEvaluation averaged
+    (the mean over the 2 bodies is test/return adapted, test/return_unadapted without), so the order of its episodes is the one
+    named; video.every=5 keeps states 0 and 5; the data module gets its make_env back."""
+    from metalight.visualization import video
+
+    recorders = []
+
+    class KeptEpisodes(video.ControllerEpisodes):
+        def __init__(self, n_bodies: int) -> None:
+            super().__init__(n_bodies)
+            recorders.append(self)
+
+        def on_test_end(self, trainer, pl_module) -> None:
+            super().on_test_end(trainer, pl_module)
+            self.datamodule = trainer.datamodule
+
+    monkeypatch.setattr(video, "ControllerEpisodes", KeptEpisodes)
+    cfg = compose_generated(*GRBAL)
+    save_run_config(cfg, tmp_path / "run")
+    train(cfg)
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    # a large online step, so that adaptation visibly changes the tiny model's plans
+    results = evaluate(eval_config(compose_generated, checkpoint, "video.tasks=2", "video.width=96", "video.height=72", "algo.inner_lr=0.5"))
+    folder = checkpoint.parents[1] / "videos" / "last"
+    names = [f"body{i}_{name}.gif" for i in range(2) for name in ("unadapted", "adapted")]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(names)
+    assert [Path(v["path"]).name for v in results["videos"]] == names
+    assert [(v["body"], v["episode"]) for v in results["videos"]] == [(i, name) for i in range(2) for name in ("unadapted", "adapted")]
+    frames = {(v["body"], v["episode"]): read_gif(Path(v["path"])) for v in results["videos"]}
+    for clip in frames.values():
+        assert len(clip) == 8 + 1 and all(frame.shape == (72, 96, 3) for frame in clip)
+        assert all(is_red(frame).sum() >= 4 for frame in clip), "the crippled limb is red"
+    for i in range(2):
+        assert np.array_equal(frames[(i, "unadapted")][0], frames[(i, "adapted")][0]), "both episodes start from the body's start"
+        assert not np.array_equal(frames[(i, "unadapted")][-1], frames[(i, "adapted")][-1]), "adaptation changes the plans"
+    assert all(v["task_parameters"] == [0.0] and v["frames"] == 9 for v in results["videos"]), "the held-out joint, bthigh"
+    for name, key in (("adapted", "return"), ("unadapted", "return_unadapted")):
+        shown = [v["return"] for v in results["videos"] if v["episode"] == name]
+        assert np.mean(shown) == pytest.approx(results[key], rel=1e-5, abs=1e-5), name
+    assert results["return"] != pytest.approx(results["return_unadapted"])
+    recorder = recorders[0]
+    assert "make_env" not in vars(recorder.datamodule)
+    fewer = video.write_videos(recorder, dataclasses.replace(video.video_options({"tasks": 1, "steps": [1], "width": 96, "height": 72, "every": 5},
+                               OmegaConf.create({k: v for k, v in cfg.items() if k != "hydra"}))), tmp_path / "fewer", "halfcheetah_cripple")
+    assert [v["frames"] for v in fewer] == [2]
+    for frame, kept in zip(read_gif(Path(fewer[0]["path"])), [0, 5], strict=True):
+        assert np.array_equal(frame, frames[(0, "adapted")][kept])
+
+
 def assert_eval_stops_with_one_line(cfg, caplog, checkpoint: Path, expected: str) -> None:
     """eval.py's entry point ends with one logged error line holding `expected`, exit status 2, and nothing new in the run folder or the eval folder."""
     run = checkpoint.parents[1]
@@ -150,7 +218,11 @@ def fake_run(compose_generated, tmp_path: Path, *overrides: str) -> Path:
 @pytest.mark.parametrize(
     "run, expected",
     [
-        (["experiment=quick_navigation2d"], "video.tasks=1 renders HalfCheetah runs (data=halfcheetah_dir or halfcheetah_vel); this run has data.env=navigation2d"),
+        (
+            ["experiment=quick_navigation2d"],
+            "video.tasks=1 renders HalfCheetah runs (data.env=halfcheetah_dir, halfcheetah_vel, halfcheetah_cripple, halfcheetah_rand_params); "
+            "this run has data.env=navigation2d",
+        ),
         (["data=omniglot", "algo=protonet"], "this run has data that is not reinforcement learning"),
         (["data=sinusoid", "algo=maml"], "this run has data that is not reinforcement learning"),
     ],
@@ -173,6 +245,31 @@ def test_video_of_another_data_set_is_one_line(compose_generated, tmp_path, capl
 def test_bad_video_options_are_one_line(compose_generated, tmp_path, caplog, overrides, expected) -> None:
     checkpoint = fake_run(compose_generated, tmp_path, *TINY)
     assert_eval_stops_with_one_line(eval_config(compose_generated, checkpoint, *overrides), caplog, checkpoint, expected)
+
+
+@pytest.mark.parametrize(
+    "run, overrides, expected",
+    [
+        (GRBAL, ["video.tasks=3"], "video.tasks=3 is more than the run's 2 held-out test bodies: use at most data.test_episodes"),
+        (GRBAL, ["video.tasks=1", "video.steps=[0,2]"], "video.steps=[0, 2]: a GrBAL run's test drives each held-out body twice"),
+        (GRBAL, ["video.tasks=1", "video.every=0"], "video.every=0 is not valid"),
+        ([*GRBAL, "experiment=mb_mpc_halfcheetah_cripple"], ["video.tasks=1", "video.steps=[1]"], "this run never adapts (data.adapt_online=false, MB-MPC)"),
+    ],
+)
+def test_bad_grbal_video_options_are_one_line(compose_generated, tmp_path, caplog, run, overrides, expected) -> None:
+    checkpoint = fake_run(compose_generated, tmp_path, *run)
+    assert_eval_stops_with_one_line(eval_config(compose_generated, checkpoint, *overrides), caplog, checkpoint, expected)
+
+
+def test_an_mb_mpc_run_has_only_its_unadapted_episodes() -> None:
+    """MB-MPC (data.adapt_online=false) never adapts: the default video.steps=[0,1] renders step 0 alone."""
+    from metalight.visualization.video import video_options
+
+    run = OmegaConf.create({"data": {"_target_": "metalight.tasks.dynamics.DynamicsDataModule", "env": "halfcheetah_cripple", "test_episodes": 20, "adapt_online": False}})
+    options = video_options({"tasks": 2}, run)
+    assert options.controller and options.steps == (0,)
+    run.data.adapt_online = True
+    assert video_options({"tasks": 2}, run).steps == (0, 1)
 
 
 def test_no_opengl_is_one_line_naming_mujoco_gl_before_the_test(compose_generated, tmp_path, caplog, monkeypatch) -> None:

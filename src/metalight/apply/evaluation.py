@@ -21,7 +21,7 @@ from metalight.runs.checkpoints import best_checkpoints, load_checkpoint, load_w
 from metalight.errors import ConfigError
 from metalight.apply.fixed_episodes import evaluate_episodes
 from metalight.runs.training import build
-from metalight.visualization.video import TestEpisodes, check_rendering, video_options, write_videos
+from metalight.visualization.video import attach_recorder, check_rendering, video_options, write_videos
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,15 @@ def restore_run_config(checkpoint_path: Path, eval_cfg: DictConfig, override_key
     """The run's composed config, with this machine's paths/trainer and the command line's data/model/algo overrides."""
     run_cfg = saved_run_config(checkpoint_path)
     with open_dict(run_cfg):
+        run_callbacks = run_cfg.get("callbacks") or {}
         for group in EVAL_GROUPS:
             run_cfg[group] = eval_cfg[group]
+        # a callback the run's data config adds (data=dynamics: ControllerEvaluation, the controller's return on held-out
+        # bodies) is part of what its test measures: kept (this machine's callbacks are the defaults)
+        if run_cfg.get("callbacks") is not None:
+            for name, callback in run_callbacks.items():
+                if name not in run_cfg.callbacks:
+                    run_cfg.callbacks[name] = callback
         for key in override_keys:
             if key in ("ckpt_path", "task_name") or key.startswith("hydra.") or key.split(".")[0] in EVAL_GROUPS:
                 continue
@@ -97,7 +104,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Score `cfg.ckpt_path` (or the ensemble of its run's ensemble_top_k best checkpoints) on the fixed test tasks, or on cfg.episodes; save and return the results.
 
     With video.tasks > 0 (a HalfCheetah run), also render the test's episodes of its first video.tasks tasks
-    after the inner steps video.steps into <run>/videos/<checkpoint>/task<i>_step<k>.gif (listed in the results).
+    after the inner steps video.steps into <run>/videos/<checkpoint>/task<i>_step<k>.gif (a GrBAL run: its first
+    held-out bodies without and with online adaptation, body<i>_unadapted.gif and body<i>_adapted.gif), listed in the results.
     """
     top_k = cfg.get("ensemble_top_k", 1)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
@@ -120,11 +128,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if video is not None:
         if trainer.world_size > 1:
             raise ConfigError("video.tasks renders the test's episodes in one process: set trainer.devices=1.")
-        eval_steps = algorithm.eval_loop.steps
-        if max(video.steps) > eval_steps:
+        eval_steps = None if video.controller else algorithm.eval_loop.steps  # a GrBAL run's steps are its two episodes, checked already
+        if eval_steps is not None and max(video.steps) > eval_steps:
             raise ConfigError(f"video.steps={list(video.steps)}: the test adapts {eval_steps} steps (algo.eval_inner_steps={eval_steps}): use steps in 0..{eval_steps}.")
-        recorder = TestEpisodes(video.tasks)
-        trainer.callbacks.append(recorder)
+        recorder = attach_recorder(trainer, video)
     if cfg.get("episodes"):
         if top_k != 1 or trainer.world_size > 1:
             raise ConfigError(f"episodes={cfg.episodes} scores one checkpoint in one process: drop ensemble_top_k, set trainer.devices=1.")
