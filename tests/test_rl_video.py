@@ -126,7 +126,7 @@ def test_videos_show_the_tests_own_episodes_before_and_after_adaptation(egl, che
 
 # GrBAL in seconds: 1 iteration of 1 random episode of 8 steps, a 8-unit model, 6 candidates x 2 steps; 2 held-out bodies
 GRBAL = [
-    "experiment=quick_grbal", "trainer.max_epochs=1", "data.batches_per_epoch=1", "data.meta_batch_size=2", "data.rollouts=1",
+    "experiment=grbal_halfcheetah_cripple", "trainer.max_epochs=1", "data.batches_per_epoch=1", "data.meta_batch_size=2", "data.rollouts=1",
     "data.episode_length=8", "data.past=3", "data.future=2", "data.planner.candidates=6", "data.planner.horizon=2",
     "data.random_episodes=1", "data.val_episodes=1", "data.test_episodes=2", "data.n_val_tasks=2", "data.n_test_tasks=2",
     "data.eval_batch_size=2", "model.hidden=[8]", "logger=csv", "test=false",
@@ -253,7 +253,7 @@ def test_bad_video_options_are_one_line(compose_generated, tmp_path, caplog, ove
         (GRBAL, ["video.tasks=3"], "video.tasks=3 is more than the run's 2 held-out test bodies: use at most data.test_episodes"),
         (GRBAL, ["video.tasks=1", "video.steps=[0,2]"], "video.steps=[0, 2]: a GrBAL run's test drives each held-out body twice"),
         (GRBAL, ["video.tasks=1", "video.every=0"], "video.every=0 is not valid"),
-        ([*GRBAL, "experiment=mb_mpc_halfcheetah_cripple"], ["video.tasks=1", "video.steps=[1]"], "this run never adapts (data.adapt_online=false, MB-MPC)"),
+        (["experiment=mb_mpc_halfcheetah_cripple", *GRBAL[1:]], ["video.tasks=1", "video.steps=[1]"], "this run never adapts (data.adapt_online=false, MB-MPC)"),
     ],
 )
 def test_bad_grbal_video_options_are_one_line(compose_generated, tmp_path, caplog, run, overrides, expected) -> None:
