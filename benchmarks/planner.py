@@ -55,7 +55,7 @@ CASES = {
     "small_200x10_e1": ((128, 128), 200, 10, 1),
 }
 METHODS = ("random_shooting", "cem")
-# the rows run when --cases is not given (GrBAL's planner is random shooting): about 75 s of CPU time
+# the rows run when --cases is not given (GrBAL's planner is random shooting): about 70 s of CPU time
 DEFAULT_ROWS = (
     ("grbal_500x10_e1", "random_shooting"), ("grbal_500x10_e1", "cem"), ("grbal_500x10_e5", "random_shooting"),
     ("small_200x10_e1", "random_shooting"), ("small_200x10_e1", "cem"),
