@@ -33,11 +33,10 @@ from torch.utils.data import Dataset
 
 from metalight.control.mpc import Act, Episodes, LearnedModel, model_predictive_controller, random_controller, run_episodes
 from metalight.control.planner import PlannerSettings
-from metalight.envs import KNOWN_ENVIRONMENTS, environment_class
 from metalight.errors import ConfigError
 from metalight.tasks.datamodule import TaskDataModule, check_whole_number, plain_dict
 from metalight.tasks.kinds import REGRESSION, TaskKind
-from metalight.tasks.rl import SPLIT_CODES, EnvironmentTasks
+from metalight.tasks.rl import SPLIT_CODES, EnvironmentTasks, checked_environment
 from metalight.tasks.samplers import Key
 
 COLLECTION, RANDOM_EPISODES, CONTROLLER = 3, 4, 5  # generator streams besides the splits' 0, 1, 2
@@ -163,17 +162,7 @@ class DynamicsDataModule(TaskDataModule):
         for key, value in (("random_first_iteration", random_first_iteration), ("adapt_online", adapt_online)):
             if not isinstance(value, bool):
                 raise ConfigError(f"data.{key}={value!r} must be true or false.")
-        if env not in KNOWN_ENVIRONMENTS:
-            raise ConfigError(f"data.env={env!r} is not known: use one of {', '.join(KNOWN_ENVIRONMENTS)}.")
-        try:
-            self.env_class = environment_class(env)
-        except ImportError as error:
-            raise ConfigError(f"data.env={env} needs the `rl` extra ({error.name} is not installed): pip install -e '.[rl]' (make install installs it).") from None
-        self.env_options = plain_dict(env_options)
-        try:
-            self.env_class.check_options(**self.env_options)
-        except TypeError as error:
-            raise ConfigError(f"data.env_options={self.env_options} are not options of data.env={env} ({error}): check their names.") from None
+        self.env_class, self.env_options = checked_environment(env, env_options)
         if not callable(getattr(self.env_class, "reward", None)):
             raise ConfigError(f"data.env={env} gives no reward function a planner can score imagined steps with: model-based control needs one (e.g. data.env=halfcheetah_cripple).")
         dims = (self.env_class.observation_dim, self.env_class.action_dim)

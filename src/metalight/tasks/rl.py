@@ -28,6 +28,22 @@ from metalight.tasks.samplers import Key
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 
 
+def checked_environment(env: str, env_options: Mapping | None) -> tuple[type, dict[str, Any]]:
+    """The class data.env names and data.env_options as a plain dict, both checked; one-line ConfigErrors otherwise."""
+    if env not in KNOWN_ENVIRONMENTS:
+        raise ConfigError(f"data.env={env!r} is not known: use one of {', '.join(KNOWN_ENVIRONMENTS)}.")
+    try:
+        env_class = environment_class(env)
+    except ImportError as error:
+        raise ConfigError(f"data.env={env} needs the `rl` extra ({error.name} is not installed): pip install -e '.[rl]' (make install installs it).") from None
+    options = plain_dict(env_options)
+    try:
+        env_class.check_options(**options)
+    except TypeError as error:
+        raise ConfigError(f"data.env_options={options} are not options of data.env={env} ({error}): check their names.") from None
+    return env_class, options
+
+
 @dataclasses.dataclass(frozen=True)
 class TaskEnvironment:
     """What a learner needs to act in a family of RL tasks: the vector environment and the episode settings.
@@ -108,23 +124,11 @@ class RLDataModule(TaskDataModule):
         ):
             if value is not None:
                 check_whole_number(key, value, smallest)
-        if env not in KNOWN_ENVIRONMENTS:
-            raise ConfigError(f"data.env={env!r} is not known: use one of {', '.join(KNOWN_ENVIRONMENTS)}.")
-        try:
-            env_class = environment_class(env)
-        except ImportError as error:
-            raise ConfigError(
-                f"data.env={env} needs the `rl` extra ({error.name} is not installed): pip install -e '.[rl]' (make install installs it)."
-            ) from None
+        env_class, options = checked_environment(env, env_options)
         super().__init__(
             meta_batch_size, eval_batch_size, batches_per_epoch, n_val_tasks, n_test_tasks, seed, eval_seed, num_workers, pin_memory, persistent_workers
         )
-        self.env, self.env_options = env, plain_dict(env_options)
-        self.env_class = env_class
-        try:
-            self.env_class.check_options(**self.env_options)
-        except TypeError as error:
-            raise ConfigError(f"data.env_options={self.env_options} are not options of data.env={env} ({error}): check their names.") from None
+        self.env, self.env_options, self.env_class = env, options, env_class
         self.horizon, self.rollouts = horizon, rollouts
         self.eval_rollouts = rollouts if eval_rollouts is None else eval_rollouts
         self.environment = TaskEnvironment(
