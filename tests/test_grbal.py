@@ -168,3 +168,27 @@ def test_the_learner_must_learn_a_dynamics_model():
     attach(datamodule, MAML(MLP(26, 20, hidden=[8]), inner_lr=0.01))
     with pytest.raises(ConfigError, match="model=dynamics_mlp"):
         datamodule.learner()
+
+
+def test_the_point_robot_moves_by_its_mount_and_gain():
+    from metalight.envs.point_robot import PointRobot
+
+    env = PointRobot(2, goal=(0.5, 0.5))
+    bodies = torch.tensor([[np.pi / 2, 0.5], [0.0, 1.5]])
+    start, _ = env.reset(options={"tasks": bodies})
+    assert torch.equal(start, torch.zeros(2, 2))
+    following, reward, terminated, truncated, _ = env.step(torch.tensor([[0.1, 0.0], [0.1, 0.0]]))
+    # turned by 90 degrees at half gain: a push along x moves it along y by 0.05; the other body 0.15, clipped to 0.1
+    torch.testing.assert_close(following, torch.tensor([[0.0, 0.05], [0.1, 0.0]]))
+    torch.testing.assert_close(reward, -torch.linalg.vector_norm(following - torch.tensor([0.5, 0.5]), dim=-1))
+    torch.testing.assert_close(env.reward(start, torch.zeros(2, 2), following), reward)
+    assert not terminated.any() and not truncated.any()
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [({"gain_range": [1.0, 0.5]}, "gain_range"), ({"gain_range": [-1.0, 1.0]}, "gain_range"), ({"max_angle": -1}, "max_angle"), ({"goal": [1]}, "goal")],
+)
+def test_bad_point_robot_bodies_are_one_line(options, expected):
+    with pytest.raises(ConfigError, match=f"data.env_options.{expected}"):
+        DynamicsDataModule(**(TINY | {"env": "point_robot", "env_options": options, "observation_dim": 2, "action_dim": 2}))

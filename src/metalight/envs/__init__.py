@@ -19,6 +19,7 @@ ENVIRONMENTS = {
     "halfcheetah_vel": "halfcheetah:HalfCheetahVelocity",
     "halfcheetah_cripple": "bodies:HalfCheetahCripple",
     "halfcheetah_rand_params": "bodies:HalfCheetahRandParams",
+    "point_robot": "point_robot:PointRobot",
     "metaworld": "meta_world:MetaWorld",
 }
 KNOWN_ENVIRONMENTS = tuple(ENVIRONMENTS)
