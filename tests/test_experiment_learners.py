@@ -42,6 +42,10 @@ REFUSED = {
     # Hydra stops composing with one line naming the group
     ("quick_navigation2d_pretrained_adam", "maml_ppo"): "algo/optimizer",
     ("quick_navigation2d_pretrained_adam", "rl2"): "algo/optimizer",
+    # GrBAL's dynamics tasks need a dynamics model: CNP brings its own network, which takes no model.hidden (and,
+    # without it, stops naming model=dynamics_mlp: tests/test_grbal.py); MAML++'s per-step BatchNorm needs BatchNorm
+    ("quick_grbal", "cnp"): "model.hidden",
+    ("quick_grbal", "mamlpp"): "algo.bnrs=false",
 }
 
 

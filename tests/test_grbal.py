@@ -192,3 +192,10 @@ def test_the_point_robot_moves_by_its_mount_and_gain():
 def test_bad_point_robot_bodies_are_one_line(options, expected):
     with pytest.raises(ConfigError, match=f"data.env_options.{expected}"):
         DynamicsDataModule(**(TINY | {"env": "point_robot", "env_options": options, "observation_dim": 2, "action_dim": 2}))
+
+
+def test_a_learner_without_a_dynamics_model_stops_before_training(compose_generated):
+    from metalight.runs.training import build_data_and_algorithm
+
+    with pytest.raises(ConfigError, match="model=dynamics_mlp"):
+        build_data_and_algorithm(compose_generated("experiment=quick_grbal", "algo=cnp", "~model.hidden"))

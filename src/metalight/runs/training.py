@@ -55,6 +55,8 @@ def build_data_and_algorithm(cfg: DictConfig) -> tuple[pl.LightningDataModule, p
     datamodule = _instantiate(cfg.data, "data", _recursive_=False)  # it builds data.train_augment itself, naming a bad entry
     algorithm = _instantiate(cfg.algo, "algo", model=_instantiate(cfg.model, "model"))
     algorithm.use_task_kind(datamodule.kind)  # the task interface: the data's loss and metric, or a clear refusal
+    if callable(getattr(datamodule, "check_learner", None)):  # data that needs more of a learner (GrBAL: a dynamics model)
+        datamodule.check_learner(algorithm)
     monitored = OmegaConf.select(cfg, "monitor.metric")
     # a data module may score its runs by more than the learner's metric (the dynamics tasks: the controller's return)
     if monitored is not None and monitored not in (algorithm.metric, *getattr(datamodule, "run_metrics", ())):

@@ -134,6 +134,8 @@ class DynamicsDataModule(TaskDataModule):
         adapt_online: bool = True,
         observation_dim: int | None = None,
         action_dim: int | None = None,
+        input_dim: int | None = None,
+        output_dim: int | None = None,
         random_episodes: int = 4,
         val_episodes: int = 4,
         test_episodes: int = 20,
@@ -166,7 +168,8 @@ class DynamicsDataModule(TaskDataModule):
         if not callable(getattr(self.env_class, "reward", None)):
             raise ConfigError(f"data.env={env} gives no reward function a planner can score imagined steps with: model-based control needs one (e.g. data.env=halfcheetah_cripple).")
         dims = (self.env_class.observation_dim, self.env_class.action_dim)
-        for key, value, expected in (("observation_dim", observation_dim, dims[0]), ("action_dim", action_dim, dims[1])):
+        sizes = (("observation_dim", observation_dim, dims[0]), ("action_dim", action_dim, dims[1]), ("input_dim", input_dim, sum(dims)), ("output_dim", output_dim, dims[0]))
+        for key, value, expected in sizes:
             if value is not None and value != expected:
                 raise ConfigError(f"data.{key}={value!r} but data.env={env} has {expected}: set data.{key}={expected} (the model's sizes read it).")
         super().__init__(meta_batch_size, eval_batch_size, batches_per_epoch, n_val_tasks, n_test_tasks, seed, eval_seed, 0, pin_memory, persistent_workers)
@@ -194,15 +197,19 @@ class DynamicsDataModule(TaskDataModule):
         """A vector environment of `count` bodies (eval.py's video recorder wraps it to keep the test's states)."""
         return self.env_class(count, horizon=self.episode_length, **self.env_options)
 
-    def learner(self) -> Any:
-        """The attached learner, checked: its model must be a DynamicsMLP, and it must adapt by gradient steps when adapt_online."""
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        if module is None:
-            raise RuntimeError("the dynamics data module collects with the learner a Trainer attaches: use it through trainer.fit/test")
+    def check_learner(self, module: Any) -> None:
+        """ConfigError unless the learner's model is a dynamics model and, when adapt_online, it adapts by gradient steps."""
         if not all(callable(getattr(module.model, name, None)) for name in ("set_normalization", "normalized_delta", "next_observation")):
             raise ConfigError(f"data.env={self.env} learns a dynamics model: use model=dynamics_mlp, not {type(module.model).__name__}.")
         if self.adapt_online and getattr(module, "eval_loop", None) is None:
             raise ConfigError(f"algo={type(module).__name__} does not adapt by gradient steps, which GrBAL's online adaptation is: use algo=maml, fomaml, metasgd (or data.adapt_online=false).")
+
+    def learner(self) -> Any:
+        """The attached learner, checked (check_learner)."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is None:
+            raise RuntimeError("the dynamics data module collects with the learner a Trainer attaches: use it through trainer.fit/test")
+        self.check_learner(module)
         return module
 
     def learned_model(self, adapt: bool) -> LearnedModel:
