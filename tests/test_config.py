@@ -14,12 +14,13 @@ from metalight.runs.training import build, train
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # image data sets, the image networks and the learners that take images; the regression families, model=mlp:
 # test_regression.py; algo=cnp and its model=cnp (regression only): test_algo_cnp.py; algo=maml_rl and its
-# model=gaussian_mlp and gaussian_gru (RL only): test_rl.py, test_rl2.py; the text encoders (model=text_bag, text_cnn): test_text_models.py
+# model=gaussian_mlp and gaussian_gru (RL only): test_rl.py, test_rl2.py; the text encoders (model=text_bag, text_cnn): test_text_models.py;
+# GrBAL's model=dynamics_mlp (dynamics tasks only): test_grbal.py
 ALGOS = sorted(p.stem for p in (CONF / "algo").glob("*.yaml") if not any(t in p.read_text() for t in ("metalight.algorithms.CNP", "metalight.algorithms.MAMLRL", "metalight.algorithms.RL2")))
 DATASETS = sorted(p.stem for p in (CONF / "data").glob("*.yaml") if "metalight.data.FewShotDataModule" in p.read_text())
 MODELS = sorted(
     p.stem for p in (CONF / "model").glob("*.yaml")
-    if not any(t in p.read_text() for t in ("metalight.models.MLP", "metalight.models.CNPNetwork", "metalight.models.GaussianMLP", "metalight.models.GaussianGRU", "metalight.text."))
+    if not any(t in p.read_text() for t in ("metalight.models.MLP", "metalight.models.CNPNetwork", "metalight.models.GaussianMLP", "metalight.models.GaussianGRU", "metalight.models.DynamicsMLP", "metalight.text."))
 )
 _NODES: dict[tuple[str, str], dict] = {}
 # options built at test sizes: the one data set without a default location, and the large networks (the full
