@@ -71,11 +71,13 @@ ALGORITHMS = {
     ],
     # GrBAL (#32): the episodes collected so far are the data module's state; killed after step KILL_AT["grbal"], in
     # epoch 1, whose episodes were planned through the model of step 4: a run that collected them again after resuming
-    # would plan through other weights and end elsewhere (the collected episodes are compared too)
+    # would plan through other weights and end elsewhere (the collected episodes are compared too); an outer step of
+    # 0.1 makes one meta-step change the plans (at Adam's 1e-3 the tiny planner's argmax rarely moves, and a resume
+    # that dropped the episodes went unnoticed)
     "grbal": [
         "experiment=quick_grbal", "task_name=train", "model.hidden=[8]", "data.episode_length=10", "data.past=3", "data.future=2",
         "data.rollouts=2", "data.planner.candidates=6", "data.planner.horizon=2", "data.random_episodes=1", "data.val_episodes=1",
-        "data.meta_batch_size=2", "data.n_val_tasks=2", "data.eval_batch_size=2", "trainer.max_steps=24",
+        "data.meta_batch_size=2", "data.n_val_tasks=2", "data.eval_batch_size=2", "trainer.max_steps=24", "algo.optimizer.lr=0.1",
     ],
 }
 # the step after which a killed run is stopped (2 unless said)
