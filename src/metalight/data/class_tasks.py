@@ -74,15 +74,10 @@ class ClassTaskDataModule(TaskDataModule):
         train_on_val: bool,
     ) -> None:
         train_keys = {"n_way": n_way_train, "k_shot": k_shot_train, "k_query": k_query_train}
-        positive = dict(
-            n_way=n_way, k_shot=k_shot, k_query=k_query, meta_batch_size=meta_batch_size, eval_batch_size=eval_batch_size,
-            batches_per_epoch=batches_per_epoch, n_val_tasks=n_val_tasks, n_test_tasks=n_test_tasks,
-        )
+        positive = dict(n_way=n_way, k_shot=k_shot, k_query=k_query)  # the stream's own settings: TaskDataModule checks the shared ones
         positive |= {f"{name}_train": value for name, value in train_keys.items() if value is not None}
         for name, value in positive.items():
             check_whole_number(name, value, 1)
-        for name, value in (("seed", seed), ("eval_seed", eval_seed), ("num_workers", num_workers)):
-            check_whole_number(name, value, 0)
         if train_mode not in TRAIN_MODES:
             raise ConfigError(f"data.train_mode={train_mode!r} is not known: use episodes (meta-learners) or flat (algo=baseline).")
         if train_mode == "flat":

@@ -33,7 +33,8 @@ class TaskDataModule(LightningDataModule):
     Training task i of epoch e is its dataset's function of (seed, "train", e, i); the meta-batch of a
     step is split over ranks (TrainTaskSampler). Validation and test are the fixed tasks 0..n-1 of
     eval_seed, dealt to ranks round-robin (EvalTaskSampler). `kind` is the task interface the learner
-    reads its loss and metric from.
+    reads its loss and metric from. The settings every task stream has are checked here (one line naming data.<key>);
+    a subclass checks its own.
     """
 
     kind: TaskKind = CLASSIFICATION
@@ -52,6 +53,11 @@ class TaskDataModule(LightningDataModule):
         persistent_workers: bool = False,
     ) -> None:
         super().__init__()
+        for key, value, smallest in (
+            ("meta_batch_size", meta_batch_size, 1), ("eval_batch_size", eval_batch_size, 1), ("batches_per_epoch", batches_per_epoch, 1),
+            ("n_val_tasks", n_val_tasks, 1), ("n_test_tasks", n_test_tasks, 1), ("seed", seed, 0), ("eval_seed", eval_seed, 0), ("num_workers", num_workers, 0),
+        ):
+            check_whole_number(key, value, smallest)
         self.meta_batch_size, self.eval_batch_size, self.batches_per_epoch = meta_batch_size, eval_batch_size, batches_per_epoch
         self.n_val_tasks, self.n_test_tasks, self.seed, self.eval_seed = n_val_tasks, n_test_tasks, seed, eval_seed
         self.num_workers, self.pin_memory, self.persistent_workers = num_workers, pin_memory, persistent_workers

@@ -153,8 +153,6 @@ class DynamicsDataModule(TaskDataModule):
         for key, value, smallest in (
             ("episode_length", episode_length, 2), ("rollouts", rollouts, 1), ("past", past, 1), ("future", future, 1),
             ("random_episodes", random_episodes, 1), ("val_episodes", val_episodes, 1), ("test_episodes", test_episodes, 1),
-            ("meta_batch_size", meta_batch_size, 1), ("eval_batch_size", eval_batch_size, 1), ("batches_per_epoch", batches_per_epoch, 1),
-            ("n_val_tasks", n_val_tasks, 1), ("n_test_tasks", n_test_tasks, 1), ("seed", seed, 0), ("eval_seed", eval_seed, 0),
         ):
             check_whole_number(key, value, smallest)
         if num_workers != 0:

@@ -93,9 +93,7 @@ class RegressionDataModule(TaskDataModule):
     ) -> None:
         for key, value, smallest in (
             ("k_shot", k_shot, 1), ("k_query", k_query, 1), ("k_shot_train", k_shot_train, 1), ("k_query_train", k_query_train, 1),
-            ("input_dim", input_dim, 1), ("output_dim", output_dim, 1), ("meta_batch_size", meta_batch_size, 1),
-            ("eval_batch_size", eval_batch_size, 1), ("batches_per_epoch", batches_per_epoch, 1), ("n_val_tasks", n_val_tasks, 1),
-            ("n_test_tasks", n_test_tasks, 1), ("seed", seed, 0), ("eval_seed", eval_seed, 0), ("num_workers", num_workers, 0),
+            ("input_dim", input_dim, 1), ("output_dim", output_dim, 1),
         ):
             if value is not None:
                 check_whole_number(key, value, smallest)

@@ -118,9 +118,7 @@ class RLDataModule(TaskDataModule):
         persistent_workers: bool = False,
     ) -> None:
         for key, value, smallest in (
-            ("horizon", horizon, 1), ("rollouts", rollouts, 1), ("eval_rollouts", eval_rollouts, 1), ("meta_batch_size", meta_batch_size, 1),
-            ("eval_batch_size", eval_batch_size, 1), ("batches_per_epoch", batches_per_epoch, 1), ("n_val_tasks", n_val_tasks, 1),
-            ("n_test_tasks", n_test_tasks, 1), ("seed", seed, 0), ("eval_seed", eval_seed, 0), ("num_workers", num_workers, 0),
+            ("horizon", horizon, 1), ("rollouts", rollouts, 1), ("eval_rollouts", eval_rollouts, 1),
         ):
             if value is not None:
                 check_whole_number(key, value, smallest)
