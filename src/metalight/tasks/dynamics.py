@@ -214,7 +214,7 @@ class DynamicsDataModule(TaskDataModule):
         """The learner's current model as the controller uses it (adapting with the learner's evaluation inner loop when `adapt`)."""
         module = self.learner()
         model = module.model
-        fixed = {k: v for k, v in model.named_buffers()}
+        fixed = dict(model.named_buffers())  # the normalization (frozen weights, if any, functional_call takes from the model)
         weights = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
         predict = lambda w, x: torch.func.vmap(lambda we, xe: functional_call(model, (we, fixed), (xe,)))(w, x)  # noqa: E731
         return LearnedModel(weights, predict, model.next_observation, model.normalized_delta, module.weights_adapted_to if adapt else None)
@@ -255,7 +255,8 @@ class DynamicsDataModule(TaskDataModule):
         self.collected_returns.append(float(episodes.returns.mean()))
         inputs = torch.cat([episodes.observations[:, :-1], episodes.actions], -1).flatten(0, 1)
         deltas = (episodes.observations[:, 1:] - episodes.observations[:, :-1]).flatten(0, 1)
-        self.learner().model.set_normalization(inputs.to(self.learner().device), deltas.to(self.learner().device))
+        module = self.learner()
+        module.model.set_normalization(inputs.to(module.device), deltas.to(module.device))
 
     def held_out(self, split: str) -> EpisodeBuffer:
         """Random-action episodes on the held-out bodies of `split` (fixed by eval_seed): what val/test segments are cut from."""
